@@ -1,0 +1,1 @@
+"""lars: LARS, TVLARS and LAMB for large-batch training."""

@@ -1,0 +1,29 @@
+"""Command-line entry point shared by `pytorch_imagenet_resnet.py` and the `lars-train` script."""
+
+from __future__ import annotations
+
+import sys
+
+from lars.config import UsageError, parse_args
+from lars.distributed import launched_rank
+from lars.reporting import error
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, validate and train. Bad input: one line on stderr and exit status 2."""
+    try:
+        args = parse_args(argv)
+        from lars.train import run  # heavy imports only after the flags are known to be good
+
+        run(args)
+    except UsageError as problem:
+        error(str(problem), launched_rank())
+        return 2
+    except KeyboardInterrupt:
+        error("interrupted", launched_rank())
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

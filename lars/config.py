@@ -1,0 +1,189 @@
+"""Command-line flags, defaults that depend on the dataset, and validation.
+
+`get_args_parser()` defines every flag (grouped, with units and defaults in the help).
+`resolve(args)` fills the dataset-dependent defaults (the embedded sample set trains a small model on
+32 px images; ImageNet uses the paper settings) and checks every value and combination, raising
+`UsageError` with a message that names the flag. Nothing here imports Horovod or touches data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lars.factory import OPTIMIZERS
+
+SCHEDULES = ("poly", "cosine", "step", "constant", "none")
+
+# Defaults that differ between the embedded sample set (no --train-dir) and real data. The sample
+# run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
+# command line (Goyal et al. 2017 / LARS-ImageNet).
+SAMPLE_DEFAULTS = dict(model="resnet18_small", image_size=32, epochs=4, batch_size=32,
+                       val_batch_size=128, min_crop_scale=0.35, hflip=False, base_lr=2.0,
+                       warmup_epochs=0.5, label_smoothing=0.0)
+IMAGENET_DEFAULTS = dict(model="resnet50", image_size=224, epochs=90, batch_size=32,
+                         val_batch_size=32, min_crop_scale=0.08, hflip=True, base_lr=0.0125,
+                         warmup_epochs=5.0, label_smoothing=0.1)
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported on one line with exit status 2."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pytorch_imagenet_resnet.py",
+        description="Large-batch ImageNet training with LARS, TVLARS and LAMB on Horovod.",
+        epilog="Without --train-dir the run uses the embedded sample dataset (built on first use).",
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--train-dir", help="ImageFolder root of the training set (default: sample set)")
+    d.add_argument("--val-dir", help="ImageFolder root of the validation set")
+    d.add_argument("--synthetic", action="store_true",
+                   help="random tensors of ImageNet shape instead of files (throughput runs)")
+    d.add_argument("--image-size", type=int, help="training crop, pixels (224; sample set: 32)")
+    d.add_argument("--min-crop-scale", type=float,
+                   help="RandomResizedCrop's smallest area fraction (0.08; sample set: 0.35)")
+    d.add_argument("--hflip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips (on; off for the sample set's digits)")
+    d.add_argument("--workers", type=int,
+                   help="data-loading processes per rank (default: CPU cores per rank - 1)")
+
+    m = p.add_argument_group("model and batch")
+    m.add_argument("--model", help="torchvision model name, or resnet18_small/34/50 for 32-64 px, "
+                   "or tinycnn (resnet50; sample set: resnet18_small)")
+    m.add_argument("--epochs", type=int, help="epochs to train (90; sample set: 4)")
+    m.add_argument("--batch-size", type=int, help="images per rank per micro-batch (32)")
+    m.add_argument("--val-batch-size", type=int, help="images per rank per validation batch")
+    m.add_argument("--batches-per-allreduce", type=int, default=1,
+                   help="micro-batches accumulated per optimizer step; global batch = "
+                   "batch-size x ranks x this (default: 1)")
+    m.add_argument("--max-steps", type=int,
+                   help="stop after this many optimizer steps (smoke runs, benchmarks)")
+    m.add_argument("--label-smoothing", type=float, help="label smoothing (0.1; sample set: 0)")
+
+    o = p.add_argument_group("optimizer")
+    o.add_argument("--base-op", "--optimizer", dest="base_op", default="lars",
+                   choices=OPTIMIZERS, help="optimizer (default: lars)")
+    o.add_argument("--base-lr", type=float,
+                   help="learning rate for the reference batch (0.0125; sample set: 2.0)")
+    o.add_argument("--lr-scaling", default="keep", choices=("keep", "linear", "sqrt"),
+                   help="lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep)")
+    o.add_argument("--lr-reference-batch", type=int, default=256,
+                   help="B0 of --lr-scaling, images (default: 256)")
+    o.add_argument("--momentum", type=float, default=0.9, help="momentum (default: 0.9)")
+    o.add_argument("--wd", type=float, default=5e-5, help="weight decay (default: 5e-5)")
+    o.add_argument("--bn-bias-separately", action="store_true",
+                   help="no weight decay and no layer adaptation for biases and normalisation")
+    o.add_argument("--trust-coefficient", type=float, default=0.001,
+                   help="LARS/TVLARS eta (default: 0.001)")
+    o.add_argument("--lmbda", type=float, default=0.001,
+                   help="TVLARS decay coefficient lambda, per optimizer step (default: 0.001)")
+    o.add_argument("--tv-alpha", type=float, default=1.0, help="TVLARS alpha (default: 1.0)")
+    o.add_argument("--tv-delay-epochs", type=float, default=0.0,
+                   help="TVLARS delay d_e, epochs (default: 0)")
+    o.add_argument("--tv-min-scale", type=float, default=0.0,
+                   help="TVLARS gamma_min, the floor of phi (default: 0)")
+
+    s = p.add_argument_group("learning-rate schedule")
+    s.add_argument("--schedule", choices=SCHEDULES,
+                   help="poly (default), cosine, step (x0.1 at 30/60/80 epochs), constant; "
+                   "tvlars: none (phi is its schedule)")
+    s.add_argument("--warmup-epochs", type=float,
+                   help="linear warm-up from 0, epochs, may be fractional (5; sample set: 0.5)")
+    s.add_argument("--lr-power", type=float,
+                   help="power of the polynomial decay (2 for lars/tvlars, 1 otherwise, "
+                   "as in the seed)")
+    s.add_argument("--end-lr", type=float, default=0.0, help="final learning rate (default: 0)")
+
+    h = p.add_argument_group("distributed and hardware")
+    h.add_argument("--fp16-allreduce", action="store_true", help="compress gradients to fp16")
+    h.add_argument("--use-adasum", action="store_true", help="Adasum instead of averaging")
+    h.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")
+    h.add_argument("--threads", type=int,
+                   help="torch CPU threads per rank (default: CPU cores / ranks on the node)")
+
+    r = p.add_argument_group("run, logging and checkpoints")
+    r.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    r.add_argument("--log-dir", help="TensorBoard, config and checkpoint folder "
+                   "(default: runs/<dataset>-<model>-<optimizer>-gb<global batch>)")
+    r.add_argument("--log-interval", type=int, default=10,
+                   help="optimizer steps between train logs (default: 10)")
+    r.add_argument("--resume", default="auto",
+                   help="auto (newest checkpoint in --log-dir), none, or a checkpoint path")
+    r.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="checkpoints kept in --log-dir (default: 3)")
+    return p
+
+
+def _positive(value, flag: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill dataset-dependent defaults and validate everything; raise UsageError on bad input."""
+    from lars.models import available_models
+
+    if args.train_dir is None and args.val_dir is not None:
+        raise UsageError("--val-dir was given without --train-dir")
+    if args.train_dir is not None and args.val_dir is None and not args.synthetic:
+        raise UsageError("--train-dir needs --val-dir (an ImageFolder with the same classes)")
+    args.dataset = "synthetic" if args.synthetic else ("sample" if args.train_dir is None
+                                                       else "imagefolder")
+    defaults = SAMPLE_DEFAULTS if args.dataset == "sample" else IMAGENET_DEFAULTS
+    if args.base_op == "tvlars" and args.warmup_epochs is None:
+        args.warmup_epochs = 0.0  # TVLARS needs no warm-up: its early phase is plain LARS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.schedule is None:
+        args.schedule = "none" if args.base_op == "tvlars" else "poly"
+    if args.lr_power is None:
+        args.lr_power = 2.0 if args.base_op in ("lars", "tvlars") else 1.0
+    if args.base_op == "tvlars" and args.schedule not in ("none", "constant"):
+        raise UsageError(f"--base-op tvlars takes no --schedule {args.schedule}: phi is its "
+                         "schedule (use --schedule none)")
+
+    for flag in ("epochs", "batch_size", "val_batch_size", "batches_per_allreduce", "image_size",
+                 "lr_reference_batch", "log_interval", "keep_checkpoints", "max_steps",
+                 "threads"):
+        _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    for flag in ("base_lr", "wd", "warmup_epochs", "end_lr", "tv_delay_epochs", "tv_min_scale",
+                 "lmbda", "workers"):
+        _positive(getattr(args, flag), "--" + flag.replace("_", "-"), allow_zero=True)
+    if not 0.0 < args.min_crop_scale <= 1.0:
+        raise UsageError(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.trust_coefficient <= 0:
+        raise UsageError(f"--trust-coefficient must be > 0, got {args.trust_coefficient}")
+    if args.tv_alpha <= 0:
+        raise UsageError(f"--tv-alpha must be > 0, got {args.tv_alpha}")
+    if args.lr_power <= 0:
+        raise UsageError(f"--lr-power must be > 0, got {args.lr_power}")
+    if args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs "
+                         f"{args.epochs}")
+    if args.model not in available_models():
+        raise UsageError(f"--model {args.model!r} is not a torchvision classification model nor "
+                         "one of resnet18_small, resnet34_small, resnet50_small, tinycnn")
+    if args.dataset == "imagefolder":
+        for flag, path in (("--train-dir", args.train_dir), ("--val-dir", args.val_dir)):
+            if not os.path.isdir(path):
+                raise UsageError(f"{flag} {path!r} is not a directory")
+    if args.log_dir is not None and os.path.exists(args.log_dir) and not os.path.isdir(
+            args.log_dir):
+        raise UsageError(f"--log-dir {args.log_dir!r} exists and is not a directory")
+    if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume {args.resume!r}: no such checkpoint file")
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and resolve. argparse itself exits with status 2 on unknown flags or bad types."""
+    return resolve(get_args_parser().parse_args(argv))

@@ -1,0 +1,183 @@
+"""Datasets, samplers and loaders for training and evaluation.
+
+Augmentation is a pure function of (seed, epoch, sample index): before transforming sample i in
+epoch e, the worker seeds torch's RNG with a hash of the three. A sample therefore gets the same
+crop and flip whichever rank, worker or micro-batch loads it, so runs with different world sizes or
+accumulation factors see identical data (the accumulation-exactness test relies on this), and a
+resumed run sees what the uninterrupted one would have.
+
+Sharding: training uses torch's DistributedSampler (a seeded permutation per epoch, rank r taking
+every W-th index), tagged with the epoch. Validation uses a sampler that gives rank r the indices
+r, r+W, r+2W, ... without padding, so that counts summed across ranks are the whole-set metrics
+(DistributedSampler pads by repeating samples; pytorch#25162).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from itertools import islice
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class SeededDataset(Dataset):
+    """Wraps a map-style dataset; `ds[(epoch, i)]` transforms sample i with RNG seeded per sample."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        return self.base[index]
+
+
+class SyntheticImages(Dataset):
+    """Random images of a fixed shape with random labels (throughput runs; no files read)."""
+
+    def __init__(self, size: int, image_size: int, num_classes: int) -> None:
+        self.size, self.image_size, self.num_classes = size, image_size, num_classes
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        generator = torch.Generator().manual_seed(index)
+        image = torch.randn(3, self.image_size, self.image_size, generator=generator)
+        return image, int(torch.randint(self.num_classes, (1,), generator=generator))
+
+
+class EpochTaggedSampler(DistributedSampler):
+    """DistributedSampler that yields (epoch, index), so the dataset can seed augmentation.
+
+    `skip_samples` drops the first samples of this rank's epoch: a run resumed in the middle of
+    an epoch continues with exactly the samples the uninterrupted run would have used next.
+    """
+
+    skip_samples = 0
+
+    def __iter__(self):
+        epoch = self.epoch
+        indices = islice(super().__iter__(), self.skip_samples, None)
+        return ((epoch, index) for index in indices)
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self.skip_samples)
+
+
+class ShardSampler(Sampler):
+    """Rank r of W gets indices r, r+W, ...: every sample exactly once across ranks, no padding."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_transform(image_size: int, min_crop_scale: float, hflip: bool):
+    steps = [transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0))]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+def val_transform(image_size: int):
+    # The standard 0.875 centre-crop ratio (224 of 256).
+    resize = int(round(image_size / 0.875))
+    return transforms.Compose([
+        transforms.Resize(resize),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+@dataclass
+class DataConfig:
+    train_dir: str | None
+    val_dir: str | None
+    synthetic: bool
+    image_size: int
+    min_crop_scale: float
+    hflip: bool
+    batch_size: int
+    val_batch_size: int
+    workers: int
+    seed: int
+    synthetic_size: int = 4096
+    synthetic_classes: int = 1000
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_sampler: EpochTaggedSampler
+    num_classes: int
+    classes: list[str]
+    train_size: int
+    val_size: int
+
+
+def _image_folder(root: str, transform, role: str) -> datasets.ImageFolder:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--{role}-dir {root!r} is not a directory")
+    try:
+        return datasets.ImageFolder(root, transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise FileNotFoundError(f"--{role}-dir {root!r}: {error}") from None
+
+
+def build_datasets(cfg: DataConfig):
+    """Return (train, val, classes). Raises FileNotFoundError/ValueError naming the bad input."""
+    if cfg.synthetic:
+        train = SyntheticImages(cfg.synthetic_size, cfg.image_size, cfg.synthetic_classes)
+        val = SyntheticImages(max(cfg.synthetic_size // 8, 1), cfg.image_size,
+                              cfg.synthetic_classes)
+        return train, val, [str(i) for i in range(cfg.synthetic_classes)]
+    train = _image_folder(cfg.train_dir, train_transform(cfg.image_size, cfg.min_crop_scale,
+                                                         cfg.hflip), "train")
+    val = _image_folder(cfg.val_dir, val_transform(cfg.image_size), "val")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))[:5]
+        only_val = sorted(set(val.classes) - set(train.classes))[:5]
+        raise ValueError(
+            f"--train-dir and --val-dir have different class folders "
+            f"(only in train: {only_train}, only in val: {only_val})"
+        )
+    return train, val, train.classes
+
+
+def build_loaders(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> Loaders:
+    train, val, classes = build_datasets(cfg)
+    train_sampler = EpochTaggedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
+                                       seed=cfg.seed)
+    common = dict(num_workers=cfg.workers, pin_memory=pin_memory,
+                  persistent_workers=cfg.workers > 0)
+    train_loader = DataLoader(SeededDataset(train, cfg.seed), batch_size=cfg.batch_size,
+                              sampler=train_sampler, drop_last=True, **common)
+    val_loader = DataLoader(val, batch_size=cfg.val_batch_size,
+                            sampler=ShardSampler(len(val), rank, world_size), **common)
+    return Loaders(train_loader, val_loader, train_sampler, len(classes), classes,
+                   len(train), len(val))
