@@ -97,7 +97,7 @@ def optimizer_step(model, batches, k, loss_fn, optimizer, scheduler, dist, meter
     dist.synchronize(optimizer)
     dist.step(optimizer)
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()  # torch >= 2 sets grads to None (Horovod's wrapper takes no flag)
 
 
 class Run:

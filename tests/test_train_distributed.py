@@ -32,16 +32,15 @@ def _final_params(log_dir):
 def test_two_ranks_write_tensorboard_and_config_and_learn(tmp_path):
     require_distributed()
     log_dir = tmp_path / "run"
-    out = check_ok(run_script([*TINY, "--base-op", "tvlars", "--base-lr", "4", "--lmbda", "0.01",
-                               "--bn-bias-separately", "--epochs", "2", "--batch-size", "16",
-                               "--log-interval", "5", "--log-dir", log_dir], np=2))
+    out = check_ok(run_script([*TINY, "--base-op", "tvlars", "--base-lr", "10", "--lmbda", "0.01",
+                               "--epochs", "2", "--batch-size", "16", "--log-interval", "5",
+                               "--log-dir", log_dir], np=2))
     assert "2 rank(s)" in out and out.count("val loss") == 2  # rank 0 alone prints
     scalars = _scalars(log_dir)
     for tag in ("train/loss", "train/top1", "train/lr", "train/images_per_sec", "val/loss",
                 "val/top1", "val/top5", "tvlars/phi", "trust_ratio/features.0.weight",
                 "trust_ratio/fc.weight"):
         assert tag in scalars, sorted(scalars)
-    assert not any(tag.startswith("trust_ratio/") and tag.endswith(".bias") for tag in scalars)
     losses = [value for _, value in scalars["train/loss"]]
     assert losses[-1] < 0.8 * losses[0], losses
     assert scalars["val/top1"][-1][1] > 30.0  # 10 classes: chance is 10%
@@ -66,8 +65,6 @@ def test_gradient_accumulation_is_exact_across_world_sizes(tmp_path):
         assert payload["global_step"] == 3
         results[(np_, batch, k)] = params
     reference = results[(1, 8, 4)]
-    initial = torch.nn.Module()  # the runs must have moved the weights, not just agreed
-    del initial
     for key, params in results.items():
         for name, value in params.items():
             torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6,
@@ -138,3 +135,8 @@ def test_seed_readme_command_line_runs(tmp_path, sample_root):
                                "--workers", "0", "--threads", "1"], np=2))
     assert "global batch 16 = 2 x 2 x 4" in out
     assert "done: 2 steps" in out
+    tags = _scalars(tmp_path / "run")
+    assert "trust_ratio/conv1.weight" in tags and "trust_ratio/layer1.0.downsample.0.weight" in tags
+    # --bn-bias-separately: normalisation layers (downsample.1 included) and biases not adapted
+    assert "trust_ratio/bn1.weight" not in tags and "trust_ratio/fc.bias" not in tags
+    assert "trust_ratio/layer1.0.downsample.1.weight" not in tags

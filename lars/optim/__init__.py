@@ -1,0 +1,11 @@
+"""Optimizers for large-batch training: LARS, TVLARS and LAMB.
+
+Each is a ``torch.optim.Optimizer`` with a multi-tensor (``torch._foreach_*``) path, used by
+default, and a per-tensor loop (``foreach=False``) that is the reference it is tested against.
+"""
+
+from .lamb import LAMB
+from .lars import LARS
+from .tvlars import TVLARS
+
+__all__ = ["LARS", "LAMB", "TVLARS"]
