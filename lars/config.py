@@ -12,8 +12,7 @@ import argparse
 import os
 
 from lars.factory import OPTIMIZERS
-
-SCHEDULES = ("poly", "cosine", "step", "constant", "none")
+from lars.schedules import SCHEDULES
 
 # Defaults that differ between the embedded sample set (no --train-dir) and real data. The sample
 # run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
@@ -166,6 +165,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--tv-alpha must be > 0, got {args.tv_alpha}")
     if args.lr_power <= 0:
         raise UsageError(f"--lr-power must be > 0, got {args.lr_power}")
+    if args.schedule == "none" and args.warmup_epochs > 0:
+        raise UsageError("--schedule none has no warm-up: use --schedule constant with "
+                         f"--warmup-epochs {args.warmup_epochs}, or --warmup-epochs 0")
     if args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs "
                          f"{args.epochs}")

@@ -27,7 +27,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
 fi
 PY="$VENV/bin/python"
-pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+pip_install() {
+  # pip's -q still warns about this machine's local package folders; keep real errors visible.
+  "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 has_version() { # has_version MODULE VERSION-PREFIX
   "$PY" - "$1" "$2" <<'PYEOF' >/dev/null 2>&1
 import importlib, sys
@@ -44,8 +47,17 @@ else
   pip_install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
-# 3. Python dependencies of the package and its tests.
-pip_install -e "$ROOT[dev]"
+# 3. This package (editable) with its dependencies and the test tools; redone only when
+#    setup.py changes or the package moved.
+stamp="$VENV/.lars-installed-$(cat "$ROOT/setup.py" "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$ROOT" ]; then
+  say "package and Python dependencies already installed"
+else
+  say "installing the lars package and its Python dependencies"
+  pip_install -e "$ROOT[dev]"
+  rm -f "$VENV"/.lars-installed-*
+  echo "$ROOT" > "$stamp"
+fi
 
 # 4. MPI: use the one on PATH (a cluster's module), else install Debian's Open MPI when root.
 if command -v mpicc >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1; then

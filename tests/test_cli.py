@@ -38,6 +38,7 @@ def _fails_with_usage_error(argv, capsys, needle: str) -> None:
     (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
     (["--base-op", "tvlars", "--schedule", "poly"], "tvlars"),
     (["--momentum", "1.5"], "--momentum"),
+    (["--base-op", "tvlars", "--warmup-epochs", "1"], "--schedule none"),
     (["--lr-scaling", "cubic"], "--lr-scaling"),
     (["--resume", "/nonexistent.pt"], "--resume"),
 ])
