@@ -52,6 +52,40 @@ def save_checkpoint(payload: dict, log_dir: str | os.PathLike, step: int, keep: 
     return final
 
 
+def rng_states() -> dict:
+    """Every RNG the run uses, in types `torch.load(weights_only=True)` accepts.
+
+    Data augmentation does not depend on these: each sample's RNG is seeded from
+    (seed, epoch, index) in the loader, in whichever worker loads it.
+    """
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load safely (no pickled code). Raises ValueError for a file that is not a checkpoint."""
     try:

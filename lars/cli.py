@@ -13,9 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, validate and train. Bad input: one line on stderr and exit status 2."""
     try:
         args = parse_args(argv)
-        from lars.train import run  # heavy imports only after the flags are known to be good
+        from lars.train import RunStopped, run  # heavy imports only once the flags are good
 
-        run(args)
+        try:
+            run(args)
+        except RunStopped as stopped:
+            error(str(stopped), launched_rank())
+            return stopped.status
     except UsageError as problem:
         error(str(problem), launched_rank())
         return 2

@@ -112,6 +112,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="auto (newest checkpoint in --log-dir), none, or a checkpoint path")
     r.add_argument("--keep-checkpoints", type=int, default=3,
                    help="checkpoints kept in --log-dir (default: 3)")
+    r.add_argument("--checkpoint-every-steps", type=int,
+                   help="also checkpoint every this many optimizer steps (default: epoch ends)")
+    r.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels: a resumed run ends bitwise equal to an "
+                   "uninterrupted one (slower on GPU)")
+
+    f = p.add_argument_group("fault tolerance")
+    f.add_argument("--nonfinite", choices=("skip", "abort"), default="skip",
+                   help="on a non-finite gradient: skip the step (count it) or abort with a "
+                   "checkpoint of the last good state (default: skip)")
+    f.add_argument("--max-nonfinite", type=int,
+                   help="abort after this many non-finite steps in a row (default: 20; "
+                   "--nonfinite abort: 1)")
+    f.add_argument("--strict-data", action="store_true",
+                   help="an unreadable image file stops the run (default: skip and count it)")
+    f.add_argument("--stall-timeout", type=float, default=300.0,
+                   help="seconds a rank may stop taking part before Horovod ends the job "
+                   "(default: 300)")
     return p
 
 
@@ -140,6 +158,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.schedule is None:
         args.schedule = "none" if args.base_op == "tvlars" else "poly"
+    if args.max_nonfinite is None:
+        args.max_nonfinite = 1 if args.nonfinite == "abort" else 20
     if args.lr_power is None:
         args.lr_power = 2.0 if args.base_op in ("lars", "tvlars") else 1.0
     if args.base_op == "tvlars" and args.schedule not in ("none", "constant"):
@@ -148,7 +168,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
     for flag in ("epochs", "batch_size", "val_batch_size", "batches_per_allreduce", "image_size",
                  "lr_reference_batch", "log_interval", "keep_checkpoints", "max_steps",
-                 "threads"):
+                 "threads", "checkpoint_every_steps", "max_nonfinite", "stall_timeout"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     for flag in ("base_lr", "wd", "warmup_epochs", "end_lr", "tv_delay_epochs", "tv_min_scale",
                  "lmbda", "workers"):

@@ -51,6 +51,15 @@ class LocalBackend:
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def allreduce_sum_async(self, tensor: torch.Tensor):
+        return tensor
+
+    def wait(self, handle) -> torch.Tensor:
+        return handle
+
+    def allgather_object(self, obj) -> list:
+        return [obj]
+
     def synchronize(self, optimizer) -> None:
         pass
 
@@ -69,7 +78,13 @@ class HorovodBackend:
 
     name = "horovod"
 
-    def __init__(self) -> None:
+    def __init__(self, stall_timeout: float | None = None) -> None:
+        if stall_timeout:
+            # Horovod's coordinator warns about ranks that stop submitting collectives and, past
+            # the shutdown time, ends the job instead of waiting forever (read at hvd.init()).
+            os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS",
+                                  str(max(1, int(min(60, stall_timeout / 2)))))
+            os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(stall_timeout)))
         import horovod.torch as hvd
 
         self.hvd = hvd
@@ -97,6 +112,15 @@ class HorovodBackend:
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.hvd.allreduce(tensor, op=self.hvd.Sum)
 
+    def allreduce_sum_async(self, tensor: torch.Tensor):
+        return self.hvd.allreduce_async(tensor, op=self.hvd.Sum, name="lars.stop_flag")
+
+    def wait(self, handle) -> torch.Tensor:
+        return self.hvd.synchronize(handle)
+
+    def allgather_object(self, obj) -> list:
+        return self.hvd.allgather_object(obj)
+
     def synchronize(self, optimizer) -> None:
         # Waits for the gradient allreduce started by the k-th backward pass; after it the
         # gradients are averaged and may be unscaled and clipped before the step.
@@ -121,11 +145,11 @@ def horovod_available() -> bool:
     return True
 
 
-def init_distributed():
+def init_distributed(stall_timeout: float | None = None):
     """Horovod when importable; otherwise a single process. Raises RuntimeError if launched with
     several ranks and Horovod is missing (every rank would train alone)."""
     if horovod_available():
-        return HorovodBackend()
+        return HorovodBackend(stall_timeout)
     if launched_size() > 1:
         raise RuntimeError(
             f"launched with {launched_size()} ranks but Horovod is not installed in this "

@@ -35,7 +35,11 @@ def evaluate(model: torch.nn.Module, loader, dist, device: torch.device) -> dict
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, samples
-    for images, labels in loader:
+    bad_paths: list[str] = []
+    for images, labels, bad in loader:
+        bad_paths += bad
+        if images is None:
+            continue
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         output = model(images)
@@ -51,4 +55,4 @@ def evaluate(model: torch.nn.Module, loader, dist, device: torch.device) -> dict
     model.train()
     count = max(count, 1.0)
     return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
-            "samples": int(count)}
+            "samples": int(count), "bad_paths": bad_paths}

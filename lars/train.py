@@ -1,73 +1,53 @@
 """The training system: data, model, optimizer, schedule, the step loop, evaluation, checkpoints.
 
-`run(args)` trains with the resolved configuration of `lars.config`. Every rank runs it; the
+`run(args)` trains with the resolved configuration of `lars.config`; every rank runs it and the
 distributed runtime sits behind `lars.distributed`. One optimizer step consumes k =
-`--batches-per-allreduce` micro-batches (see `optimizer_step`, the only place that orders the
-step). Each epoch runs `steps_per_epoch` whole optimizer steps: the ragged micro-batches at the end
-of an epoch that would not fill a k-group are dropped, so Horovod always sees exactly k backward
-passes per step (horovod#2466).
+`--batches-per-allreduce` micro-batches (`optimizer_step` is the one place that orders a step).
+Each epoch runs `steps_per_epoch` whole optimizer steps (see `lars.plan`), so Horovod always sees
+exactly k backward passes per step (horovod#2466).
+
+What survives what (README, "Fault tolerance"): checkpoints hold everything needed to continue
+bitwise (model, optimizer, schedule, epoch, step, position in the epoch, RNG states); SIGTERM or
+SIGUSR1 stops every rank after the same step, checkpoints and exits with REQUEUE_EXIT_STATUS; a
+non-finite gradient skips the step (or aborts) and never reaches a checkpoint; unreadable images
+are skipped and counted.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import islice
 
 import torch
 import torch.nn as nn
 
-from lars.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from lars.checkpoint import (find_resume_checkpoint, load_checkpoint, rng_states, save_checkpoint,
+                             set_rng_states)
 from lars.config import UsageError
-from lars.data.loaders import DataConfig, build_loaders
+from lars.data.loaders import CorruptSampleError, DataConfig, build_loaders
 from lars.data.sample import build_sample_dataset
 from lars.distributed import init_distributed
 from lars.factory import build_optimizer
+from lars.faults import (NONFINITE_EXIT_STATUS, REQUEUE_EXIT_STATUS, PreemptionHandler,
+                         StopAgreement, grads_are_finite, params_are_finite)
 from lars.metrics import TrainMeter, evaluate
 from lars.models import build_model
 from lars.param_groups import param_group_summary, param_groups
+from lars.plan import RunPlan, default_log_dir, plan_run
 from lars.reporting import Reporter, versions
-from lars.schedules import build_scheduler, epochs_to_steps, lr_at, scale_lr
+from lars.schedules import build_scheduler
+
+__all__ = ["REQUEUE_EXIT_STATUS", "NONFINITE_EXIT_STATUS", "Run", "run", "optimizer_step"]
 
 
-@dataclass
-class RunPlan:
-    """Numbers derived from the flags and the world size; saved in config.json."""
+class RunStopped(Exception):
+    """Training ended early on purpose; `status` is the process exit status."""
 
-    world_size: int
-    global_batch_size: int
-    lr: float
-    train_images: int
-    val_images: int
-    micro_batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    tv_delay_steps: int
-
-
-def plan_run(args, world_size: int, train_images: int, val_images: int) -> RunPlan:
-    per_rank = -(-train_images // world_size)  # DistributedSampler pads to a multiple of W
-    micro = per_rank // args.batch_size
-    steps = micro // args.batches_per_allreduce
-    global_batch = args.batch_size * world_size * args.batches_per_allreduce
-    if steps == 0:
-        raise UsageError(
-            f"the global batch ({args.batch_size} x {world_size} ranks x "
-            f"{args.batches_per_allreduce} = {global_batch}) is larger than the training set "
-            f"({train_images} images): lower --batch-size or --batches-per-allreduce")
-    return RunPlan(
-        world_size=world_size, global_batch_size=global_batch,
-        lr=scale_lr(args.base_lr, global_batch, args.lr_reference_batch, args.lr_scaling),
-        train_images=train_images, val_images=val_images, micro_batches_per_epoch=micro,
-        steps_per_epoch=steps, total_steps=steps * args.epochs,
-        warmup_steps=epochs_to_steps(args.warmup_epochs, steps),
-        tv_delay_steps=epochs_to_steps(args.tv_delay_epochs, steps))
-
-
-def default_log_dir(args, global_batch: int) -> str:
-    return os.path.join("runs", f"{args.dataset}-{args.model}-{args.base_op}-gb{global_batch}")
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def make_optimizer(args, model: nn.Module, plan: RunPlan):
@@ -83,11 +63,18 @@ def make_optimizer(args, model: nn.Module, plan: RunPlan):
     return optimizer, groups
 
 
-def optimizer_step(model, batches, k, loss_fn, optimizer, scheduler, dist, meter, device):
+def optimizer_step(model, batches, k, loss_fn, optimizer, scheduler, dist, meter, device,
+                   bad_paths: list) -> bool:
     """One optimizer step over k micro-batches, in the one order that is correct with Horovod:
     forward, loss / k, backward (k times; Horovod allreduces during the k-th backward);
-    synchronise; step without a second synchronisation; schedule; zero_grad."""
-    for images, labels in islice(batches, k):
+    synchronise; check the averaged gradients are finite; step without a second
+    synchronisation; schedule; zero_grad. Returns False when the step was skipped."""
+    for images, labels, bad in islice(batches, k):
+        bad_paths += bad
+        if images is None:  # every file of this micro-batch was unreadable: Horovod still
+            loss = sum(p.sum() for p in model.parameters()) * 0.0  # needs k backward passes
+            loss.backward()
+            continue
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         output = model(images)
@@ -95,9 +82,12 @@ def optimizer_step(model, batches, k, loss_fn, optimizer, scheduler, dist, meter
         (loss / k).backward()
         meter.update(loss, output, labels)
     dist.synchronize(optimizer)
-    dist.step(optimizer)
+    finite = bool(grads_are_finite(optimizer))  # the same verdict on every rank
+    if finite:
+        dist.step(optimizer)
     scheduler.step()
     optimizer.zero_grad()  # torch >= 2 sets grads to None (Horovod's wrapper takes no flag)
+    return finite
 
 
 class Run:
@@ -105,7 +95,7 @@ class Run:
 
     def __init__(self, args) -> None:
         self.args = args
-        self.dist = dist = init_distributed()
+        self.dist = dist = init_distributed(args.stall_timeout)
         cores = os.cpu_count() or 1
         torch.set_num_threads(args.threads or max(1, cores // dist.local_size))
         if args.workers is None:
@@ -113,6 +103,10 @@ class Run:
         cuda = torch.cuda.is_available() and not args.no_cuda
         if cuda:
             torch.cuda.set_device(dist.local_rank)
+            torch.backends.cudnn.benchmark = not args.deterministic
+        if args.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.device = torch.device("cuda" if cuda else "cpu")
         torch.manual_seed(args.seed)
 
@@ -123,7 +117,7 @@ class Run:
             train_dir=args.train_dir, val_dir=args.val_dir, synthetic=args.synthetic,
             image_size=args.image_size, min_crop_scale=args.min_crop_scale, hflip=args.hflip,
             batch_size=args.batch_size, val_batch_size=args.val_batch_size,
-            workers=args.workers, seed=args.seed)
+            workers=args.workers, seed=args.seed, strict_data=args.strict_data)
         try:
             self.data = build_loaders(data_cfg, dist.rank, dist.size, pin_memory=cuda)
         except (FileNotFoundError, ValueError) as error:
@@ -133,6 +127,7 @@ class Run:
 
         self.model = build_model(args.model, self.data.num_classes).to(self.device)
         optimizer, self.groups = make_optimizer(args, self.model, plan)
+        # Horovod rebuilds the optimizer as Cls(param_groups): wrap before loading any state.
         self.optimizer = dist.wrap_optimizer(optimizer, self.model, args.batches_per_allreduce,
                                              args.fp16_allreduce, args.use_adasum)
         self.scheduler = build_scheduler(
@@ -142,11 +137,13 @@ class Run:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.epoch, self.global_step, self.final = 0, 0, None
+        self.nonfinite_total = self.nonfinite_in_a_row = 0
         resumed = self._resume()
         dist.broadcast_model(self.model)
         self.reporter = Reporter(args.log_dir, enabled=dist.rank == 0,
                                  purge_step=self.global_step if resumed else None)
 
+    # ----------------------------------------------------------------------------- checkpoints
     def _resume(self) -> bool:
         """Rank 0 chooses the checkpoint and broadcasts its contents; every rank loads them."""
         args, payload = self.args, None
@@ -164,29 +161,44 @@ class Run:
             return False
         if "error" in payload:
             raise UsageError(f"--resume: {payload['error']}")
+        if payload["global_batch_size"] != self.plan.global_batch_size:
+            raise UsageError(
+                f"--resume: the checkpoint was made with global batch "
+                f"{payload['global_batch_size']}, this run has {self.plan.global_batch_size}; "
+                "use the same batch size, ranks and --batches-per-allreduce (or --resume none)")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.epoch, self.global_step = payload["epoch"], payload["global_step"]
         self.final = payload.get("final")
+        self.nonfinite_total = payload.get("nonfinite_steps", 0)
+        set_rng_states(payload["rng"])
         return True
 
+    def save(self) -> None:
+        """Rank 0 writes a checkpoint of the current state; never one holding NaN or inf."""
+        if self.dist.rank != 0:
+            return
+        if not params_are_finite(self.model):
+            self.reporter.print("warning: not writing a checkpoint: the model holds non-finite "
+                                "values")
+            return
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                   "global_step": self.global_step,
+                   "step_in_epoch": self.global_step - self.epoch * self.plan.steps_per_epoch,
+                   "global_batch_size": self.plan.global_batch_size, "final": self.final,
+                   "nonfinite_steps": self.nonfinite_total, "rng": rng_states(),
+                   "config": {k: v for k, v in vars(self.args).items()
+                              if isinstance(v, (int, float, str, bool, type(None)))}}
+        save_checkpoint(payload, self.args.log_dir, self.global_step, self.args.keep_checkpoints)
+
+    # ----------------------------------------------------------------------------- reporting
     def config(self) -> dict:
         args = {k: v for k, v in vars(self.args).items() if not k.startswith("_")}
         return {"args": args, "plan": asdict(self.plan), "backend": self.dist.name,
                 "device": str(self.device), "versions": versions(),
                 "threads": torch.get_num_threads()}
-
-    def save(self, finished_epoch: bool) -> None:
-        if self.dist.rank != 0:
-            return
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(),
-                   "epoch": self.epoch + (1 if finished_epoch else 0),
-                   "global_step": self.global_step, "final": self.final,
-                   "config": {k: v for k, v in vars(self.args).items()
-                              if isinstance(v, (int, float, str, bool, type(None)))}}
-        save_checkpoint(payload, self.args.log_dir, self.global_step, self.args.keep_checkpoints)
 
     def describe(self) -> None:
         r, plan, args = self.reporter, self.plan, self.args
@@ -218,8 +230,16 @@ class Run:
             f"{self.plan.total_steps}: loss {stats['loss']:.4f} top1 {stats['top1']:.2f}% "
             f"lr {lr:.5g} {values['train/images_per_sec']:.1f} img/s")
 
+    def report_bad_files(self, where: str, paths: list[str]) -> None:
+        every = [p for rank_paths in self.dist.allgather_object(paths) for p in rank_paths]
+        if every:
+            shown = ", ".join(every[:5]) + (" ..." if len(every) > 5 else "")
+            self.reporter.print(f"warning: {len(every)} unreadable file(s) skipped in {where} "
+                                f"(epoch {self.epoch + 1}): {shown}")
+
     def validate(self) -> dict[str, float]:
         metrics = evaluate(self.model, self.data.val, self.dist, self.device)
+        self.report_bad_files("validation", metrics.pop("bad_paths"))
         self.reporter.scalars({f"val/{k}": metrics[k] for k in ("loss", "top1", "top5")},
                               self.global_step)
         self.reporter.print(f"epoch {self.epoch + 1}: val loss {metrics['loss']:.4f} top1 "
@@ -227,47 +247,94 @@ class Run:
                             f"({metrics['samples']} images)")
         return metrics
 
+    # ----------------------------------------------------------------------------- the loop
+    def count_step(self, finite: bool) -> None:
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        self.reporter.print(f"warning: non-finite gradient at step {self.global_step}: step "
+                            f"skipped ({self.nonfinite_in_a_row} in a row, "
+                            f"{self.nonfinite_total} in all)")
+        if self.nonfinite_in_a_row >= self.args.max_nonfinite:
+            self.save()  # skipped steps left the weights at the last good state
+            raise RunStopped(NONFINITE_EXIT_STATUS,
+                             f"{self.nonfinite_in_a_row} non-finite step(s) in a row at step "
+                             f"{self.global_step} (--nonfinite {self.args.nonfinite}, "
+                             f"--max-nonfinite {self.args.max_nonfinite}); the last good state "
+                             f"is checkpointed in {self.args.log_dir}")
+
+    def train_epoch(self, meter: TrainMeter, stop: StopAgreement, max_steps: int) -> bool:
+        """Train until the epoch ends, max_steps, or an agreed stop; True if it was a stop."""
+        args, plan = self.args, self.plan
+        done_in_epoch = self.global_step - self.epoch * plan.steps_per_epoch
+        sampler = self.data.train_sampler
+        sampler.set_epoch(self.epoch)
+        sampler.skip_samples = done_in_epoch * args.batches_per_allreduce * args.batch_size
+        batches, bad_paths = iter(self.data.train), []
+        tick, tick_step = time.perf_counter(), self.global_step
+        stopped = False
+        for _ in range(done_in_epoch, plan.steps_per_epoch):
+            finite = optimizer_step(self.model, batches, args.batches_per_allreduce,
+                                    self.loss_fn, self.optimizer, self.scheduler, self.dist,
+                                    meter, self.device, bad_paths)
+            self.global_step += 1
+            self.count_step(finite)
+            if self.global_step % args.log_interval == 0:
+                now = time.perf_counter()
+                self.log_train(meter, (self.global_step - tick_step) * plan.global_batch_size,
+                               now - tick)
+                tick, tick_step = now, self.global_step
+            if args.checkpoint_every_steps and self.global_step % args.checkpoint_every_steps == 0:
+                self.save()
+            stopped = stop.after_step()
+            if stopped or self.global_step >= max_steps:
+                break
+        if self.global_step != tick_step:  # the steps since the last train log
+            self.log_train(meter, (self.global_step - tick_step) * plan.global_batch_size,
+                           time.perf_counter() - tick)
+        self.report_bad_files("training", bad_paths)
+        return stopped
+
     def train(self) -> dict | None:
-        args, plan, dist = self.args, self.plan, self.dist
+        args, plan = self.args, self.plan
         self.describe()
         self.reporter.save_config(self.config())
-        max_steps = args.max_steps or plan.total_steps
-        if self.global_step >= max_steps or self.epoch >= args.epochs:
+        max_steps = min(args.max_steps or plan.total_steps, plan.total_steps)
+        if self.global_step >= max_steps:
             self.reporter.print(f"nothing to do: the checkpoint in {args.log_dir} is at step "
-                                f"{self.global_step}, epoch {self.epoch}; final {self.final}")
+                                f"{self.global_step}; final {self.final}")
             return self.final
-        meter = TrainMeter(self.device)
+        meter, started = TrainMeter(self.device), time.perf_counter()
+        handler = PreemptionHandler().install()
+        stop = StopAgreement(self.dist, handler)
         self.model.train()
-        started = time.perf_counter()
-        while self.epoch < args.epochs and self.global_step < max_steps:
-            done_in_epoch = self.global_step - self.epoch * plan.steps_per_epoch
-            sampler = self.data.train_sampler
-            sampler.set_epoch(self.epoch)
-            sampler.skip_samples = done_in_epoch * args.batches_per_allreduce * args.batch_size
-            batches = iter(self.data.train)
-            tick, tick_step = time.perf_counter(), self.global_step
-            for _ in range(done_in_epoch, plan.steps_per_epoch):
-                optimizer_step(self.model, batches, args.batches_per_allreduce, self.loss_fn,
-                               self.optimizer, self.scheduler, dist, meter, self.device)
-                self.global_step += 1
-                if self.global_step % args.log_interval == 0:
-                    now = time.perf_counter()
-                    images = (self.global_step - tick_step) * plan.global_batch_size
-                    self.log_train(meter, images, now - tick)
-                    tick, tick_step = now, self.global_step
-                if self.global_step >= max_steps:
-                    break
-            if self.global_step != tick_step:  # the steps since the last train log
-                images = (self.global_step - tick_step) * plan.global_batch_size
-                self.log_train(meter, images, time.perf_counter() - tick)
-            finished_epoch = self.global_step % plan.steps_per_epoch == 0
-            metrics = self.validate()
-            self.final = {"epoch": self.epoch + 1, "step": self.global_step, **metrics}
-            self.save(finished_epoch)
-            self.epoch += int(finished_epoch)
+        try:
+            while self.global_step < max_steps:
+                stopped = self.train_epoch(meter, stop, max_steps)
+                if stopped:
+                    stop.drain()
+                    self.save()
+                    raise RunStopped(REQUEUE_EXIT_STATUS,
+                                     f"stopped by signal {handler.received} at step "
+                                     f"{self.global_step}; checkpoint in {args.log_dir}; run the "
+                                     "same command again to resume")
+                metrics = self.validate()
+                self.final = {"epoch": self.epoch + 1, "step": self.global_step, **metrics}
+                if self.global_step % plan.steps_per_epoch == 0:
+                    self.epoch += 1
+                self.save()
+            stop.drain()
+        except CorruptSampleError as error:
+            raise UsageError(str(error).strip().splitlines()[-1].split(": ", 1)[-1]) from None
+        finally:
+            handler.uninstall()
         self.reporter.print(f"done: {self.global_step} steps in "
                             f"{time.perf_counter() - started:.1f} s; final val top1 "
-                            f"{self.final['top1']:.2f}% loss {self.final['loss']:.4f}")
+                            f"{self.final['top1']:.2f}% loss {self.final['loss']:.4f}"
+                            + (f"; {self.nonfinite_total} non-finite step(s) skipped"
+                               if self.nonfinite_total else ""))
         return self.final
 
     def close(self) -> None:

@@ -107,7 +107,7 @@ def test_validation_metrics_are_whole_set_metrics(tmp_path, sample_root):
     payload, _ = _final_params(log_dir)
     reported = payload["final"]
 
-    from lars.data.loaders import val_transform
+    from lars.data.loaders import collate_skipping_bad, val_transform
     from lars.distributed import LocalBackend
     from lars.metrics import evaluate
     from lars.models import build_model
@@ -116,7 +116,7 @@ def test_validation_metrics_are_whole_set_metrics(tmp_path, sample_root):
     model = build_model("tinycnn", 10)
     model.load_state_dict(payload["model"])
     val = ImageFolder(sample_root / "val", transform=val_transform(32))
-    loader = torch.utils.data.DataLoader(val, batch_size=359)
+    loader = torch.utils.data.DataLoader(val, batch_size=359, collate_fn=collate_skipping_bad)
     expected = evaluate(model, loader, LocalBackend(), torch.device("cpu"))
     assert reported["samples"] == expected["samples"] == 359
     for key in ("top1", "top5", "loss"):

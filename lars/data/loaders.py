@@ -20,7 +20,7 @@ from itertools import islice
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,12 +32,35 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class SeededDataset(Dataset):
-    """Wraps a map-style dataset; `ds[(epoch, i)]` transforms sample i with RNG seeded per sample."""
+# What reading an unreadable, truncated or non-image file raises (PIL, torchvision, the OS).
+READ_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
 
-    def __init__(self, base: Dataset, seed: int) -> None:
-        self.base = base
-        self.seed = seed
+
+class CorruptSampleError(Exception):
+    """A file that cannot be decoded, raised with --strict-data."""
+
+
+@dataclass
+class BadSample:
+    path: str
+    error: str
+
+
+def sample_path(base: Dataset, index: int) -> str:
+    samples = getattr(base, "samples", None)
+    return samples[index][0] if samples is not None else f"sample {index}"
+
+
+class RobustDataset(Dataset):
+    """Wraps a map-style dataset: seeded augmentation and tolerance of unreadable files.
+
+    `ds[(epoch, i)]` transforms sample i with torch's RNG seeded from (seed, epoch, i). A sample
+    that fails to load comes back as a `BadSample` (dropped and counted by `collate_skipping_bad`)
+    or, with `strict`, raises CorruptSampleError naming the file.
+    """
+
+    def __init__(self, base: Dataset, seed: int, strict: bool = False) -> None:
+        self.base, self.seed, self.strict = base, seed, strict
 
     def __len__(self) -> int:
         return len(self.base)
@@ -45,7 +68,25 @@ class SeededDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         torch.manual_seed(sample_seed(self.seed, epoch, index))
-        return self.base[index]
+        try:
+            return self.base[index]
+        except READ_ERRORS as error:
+            path = sample_path(self.base, index)
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if self.strict:
+                raise CorruptSampleError(f"unreadable file {path}: {message} "
+                                         "(remove it, or drop --strict-data to skip such files)")
+            return BadSample(path, message)
+
+
+def collate_skipping_bad(batch):
+    """(images, labels, bad paths): the good samples stacked, the bad ones listed."""
+    good = [sample for sample in batch if not isinstance(sample, BadSample)]
+    bad = [sample.path for sample in batch if isinstance(sample, BadSample)]
+    if not good:
+        return None, None, bad
+    images, labels = default_collate(good)
+    return images, labels, bad
 
 
 class SyntheticImages(Dataset):
@@ -125,6 +166,7 @@ class DataConfig:
     val_batch_size: int
     workers: int
     seed: int
+    strict_data: bool = False
     synthetic_size: int = 4096
     synthetic_classes: int = 1000
 
@@ -174,10 +216,12 @@ def build_loaders(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool)
     train_sampler = EpochTaggedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
                                        seed=cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=pin_memory,
-                  persistent_workers=cfg.workers > 0)
-    train_loader = DataLoader(SeededDataset(train, cfg.seed), batch_size=cfg.batch_size,
-                              sampler=train_sampler, drop_last=True, **common)
-    val_loader = DataLoader(val, batch_size=cfg.val_batch_size,
+                  persistent_workers=cfg.workers > 0, collate_fn=collate_skipping_bad)
+    train_loader = DataLoader(RobustDataset(train, cfg.seed, cfg.strict_data),
+                              batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True,
+                              **common)
+    val_loader = DataLoader(RobustDataset(val, cfg.seed, cfg.strict_data),
+                            batch_size=cfg.val_batch_size,
                             sampler=ShardSampler(len(val), rank, world_size), **common)
     return Loaders(train_loader, val_loader, train_sampler, len(classes), classes,
                    len(train), len(val))

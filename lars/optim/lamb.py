@@ -18,11 +18,26 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import _get_scalar_dtype
 
-from .lars import ParamsT, TrustRecords, check_arg, check_lr, record_trust_ratios, resolve_foreach
+from .lars import (
+    ParamsT,
+    TrustRecords,
+    check_arg,
+    check_lr,
+    increment_steps,
+    record_trust_ratios,
+    resolve_foreach,
+    step_dtype,
+)
 
 __all__ = ["LAMB", "lamb"]
+
+try:  # device types with fused Adam kernels (CPU among them since torch 2.4)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    _FUSED_DEVICES: list[str] | None = _get_fused_kernels_supported_devices()
+except ImportError:  # older torch: the unfused multi-tensor path only
+    _FUSED_DEVICES = None
 
 
 class LAMB(Optimizer):
@@ -39,6 +54,9 @@ class LAMB(Optimizer):
     With ``eps=0`` a tensor whose gradients have all been zero would give 0 / 0; its denominator is
     then clamped to the dtype's smallest normal number so that r = 0 (one extra pass, only when
     eps == 0).
+
+    The multi-tensor path computes r with Adam's fused kernel where the device has one (and
+    eps > 0), else with unfused ``torch._foreach_*`` ops; both are tested against the loop.
 
     Args:
         params: tensors or param groups; a group may set ``layer_adaptation=False``.
@@ -101,7 +119,7 @@ class LAMB(Optimizer):
             for p in group["params"]:
                 step = self.state.get(p, {}).get("step")
                 if step is not None and not torch.is_tensor(step):
-                    self.state[p]["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
+                    self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
         self._trust_records = []
 
     def last_trust_ratios(self) -> list[tuple[Tensor, Tensor]]:
@@ -124,7 +142,7 @@ class LAMB(Optimizer):
                 raise RuntimeError("LAMB does not support sparse gradients")
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif state["step"].device != p.device:  # e.g. loaded with map_location="cpu"
@@ -223,7 +241,7 @@ def _single_tensor_lamb(
         step.add_(1)
         mo.mul_(beta1).add_(g, alpha=1.0 - beta1)
         ve.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        t = step.to(p.dtype)
+        t = step.to(step_dtype(p.dtype))
         # Bias corrections as tensors: t is on the device, reading it would sync.
         bias_correction1 = 1.0 - torch.pow(beta1, t)
         bias_correction2 = 1.0 - torch.pow(beta2, t)
@@ -260,33 +278,108 @@ def _multi_tensor_lamb(
     records: TrustRecords = []
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps]
     buckets = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-    for (_, dtype), (bucket, _) in buckets.items():
+    for (device, dtype), (bucket, _) in buckets.items():
         b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps = bucket
-        torch._foreach_add_(b_steps, 1)
-        torch._foreach_lerp_(b_exp_avgs, b_grads, 1.0 - beta1)
-        torch._foreach_mul_(b_exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(b_exp_avg_sqs, b_grads, b_grads, 1.0 - beta2)
-        # With c2 = sqrt(bc2): (mo / bc1) / (sqrt(ve) / c2 + eps) == (c2 / bc1) * mo / (sqrt(ve) +
-        # eps * c2), so the per-tensor bias corrections are one vector computed for all tensors.
-        t = torch.stack(b_steps).to(dtype)
-        bc2_sqrt = torch.pow(beta2, t).neg_().add_(1.0).sqrt_()
-        step_scale = torch.pow(beta1, t).neg_().add_(1.0).reciprocal_().mul_(bc2_sqrt)
-        denom = torch._foreach_sqrt(b_exp_avg_sqs)
-        if eps != 0.0:
-            torch._foreach_add_(denom, list(bc2_sqrt.mul_(eps).unbind(0)))
+        increment_steps(b_steps)
+        moments = (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps)
+        if _fused_adam_supported(device, b_steps, eps):
+            r = _fused_direction(
+                *moments, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
+            )
         else:
-            torch._foreach_clamp_min_(denom, torch.finfo(dtype).tiny)
-        r = torch._foreach_div(b_exp_avgs, denom)
-        del denom
-        torch._foreach_mul_(r, list(step_scale.unbind(0)))
-        if weight_decay != 0.0:
-            torch._foreach_add_(r, b_params, alpha=weight_decay)
+            r = _foreach_direction(
+                *moments, dtype=dtype, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
+            )
         if layer_adaptation:
             w_norm = torch.stack(torch._foreach_norm(b_params))
             r_norm = torch.stack(torch._foreach_norm(r))
             trust = torch.where(torch.logical_and(w_norm > 0, r_norm > 0), w_norm / r_norm, 1.0)
             records.append((b_params, trust))
-            torch._foreach_addcmul_(b_params, r, list(trust.unbind(0)), value=-lr)
+            # The 0-dim factors go in as addcmul's tensor1, which CUDA's fast path accepts.
+            torch._foreach_addcmul_(b_params, list(trust.unbind(0)), r, value=-lr)
         else:
             torch._foreach_add_(b_params, r, alpha=-lr)
     return records
+
+
+def _fused_adam_supported(device: torch.device | None, steps: list[Tensor], eps: float) -> bool:
+    return (
+        _FUSED_DEVICES is not None
+        and device is not None
+        and device.type in _FUSED_DEVICES
+        and steps[0].dtype == torch.float32
+        and eps > 0.0  # with eps = 0 the unfused path guards 0 / 0
+    )
+
+
+def _fused_direction(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> list[Tensor]:
+    """r = (mo / bc1) / (sqrt(ve / bc2) + eps) + wd * w in one pass, updating mo and ve.
+
+    Adam's fused kernel does x -= lr * (mo / bc1) / (sqrt(ve / bc2) + eps), with the moments
+    updated as in LAMB; run with lr = -1 on a fresh x = wd * w, it leaves r in x.
+    """
+    r = list(torch._foreach_mul(params, weight_decay)) if weight_decay != 0.0 else None
+    if r is None:
+        r = [torch.zeros_like(p) for p in params]
+    torch._fused_adam_(
+        r,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        lr=-1.0,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=0.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    return r
+
+
+def _foreach_direction(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    dtype: torch.dtype,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> list[Tensor]:
+    """The same r with unfused multi-tensor ops (any device, any eps)."""
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    # With c2 = sqrt(bc2): (mo / bc1) / (sqrt(ve) / c2 + eps) == (c2 / bc1) * mo / (sqrt(ve) +
+    # eps * c2), so the per-tensor bias corrections are one vector computed for all tensors.
+    t = torch.stack(steps).to(step_dtype(dtype))
+    bc2_sqrt = torch.pow(beta2, t).neg_().add_(1.0).sqrt_()
+    step_scale = torch.pow(beta1, t).neg_().add_(1.0).reciprocal_().mul_(bc2_sqrt)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if eps != 0.0:
+        torch._foreach_add_(denom, list(bc2_sqrt.mul_(eps).unbind(0)))
+    else:
+        torch._foreach_clamp_min_(denom, torch.finfo(dtype).tiny)
+    r = list(torch._foreach_div(exp_avgs, denom))
+    del denom
+    torch._foreach_mul_(r, list(step_scale.unbind(0)))
+    if weight_decay != 0.0:
+        torch._foreach_add_(r, params, alpha=weight_decay)
+    return r

@@ -55,6 +55,22 @@ def resolve_foreach(foreach: bool | None) -> bool:
     return True if foreach is None else bool(foreach)
 
 
+def increment_steps(steps: list[Tensor]) -> None:
+    """steps[i] += 1 for the 0-dim step tensors, on their device."""
+    if steps[0].is_cpu:
+        # On CPU foreach loops over the tensors; a ready-made scalar tensor spares re-wrapping 1
+        # into a tensor for each of them.
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1.0)
+
+
+def step_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """dtype for arithmetic on the step count t: the parameters' dtype, but at least float32
+    (bfloat16 cannot even count past 256)."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
 def record_trust_ratios(records: TrustRecords) -> list[tuple[Tensor, Tensor]]:
     return [(p, ratio) for params, ratios in records for p, ratio in zip(params, ratios)]
 
@@ -265,7 +281,7 @@ def _single_tensor_lars(
             # torch.where instead of a Python `if`: a zero norm must not cost a host sync.
             trust = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
             if steps is not None and trust_scale_fn is not None:
-                scale = trust_scale_fn(steps[i].to(p.dtype))
+                scale = trust_scale_fn(steps[i].to(step_dtype(p.dtype)))
                 first_scale = scale if first_scale is None else first_scale
                 trust = trust * scale
             ratios.append(trust)
@@ -308,10 +324,8 @@ def _multi_tensor_lars(
         b_bufs = bucket[2] if momentum != 0.0 else []
         b_steps = bucket[-1] if steps is not None else None
         if b_steps is not None:
-            torch._foreach_add_(b_steps, 1)
-        # With momentum, d is pre-divided by (1 - m) so that one lerp gives m * v + lr * trust * d.
-        coeff = lr / (1.0 - momentum) if momentum != 0.0 else lr
-        scales: Sequence[Tensor] | float = coeff
+            increment_steps(b_steps)
+        lr_trust = None  # lr * trust, one entry per tensor, when the group is adapted
         if layer_adaptation:
             # Norms of all tensors at once, stacked so the ratio arithmetic is a few vector ops.
             w_norm = torch.stack(torch._foreach_norm(b_params))
@@ -322,28 +336,52 @@ def _multi_tensor_lars(
             ratio = w_norm.mul(trust_coefficient).div_(denom)
             trust = torch.where(torch.logical_and(w_norm > 0, g_norm > 0), ratio, 1.0)
             if b_steps is not None and trust_scale_fn is not None:
-                scale = trust_scale_fn(torch.stack(b_steps).to(dtype))
+                scale = trust_scale_fn(torch.stack(b_steps).to(step_dtype(dtype)))
                 first_scale = scale[0] if first_scale is None else first_scale
                 trust.mul_(scale)
             records.append((b_params, trust))
-            scales = list(torch.mul(trust, coeff).unbind(0))
-        # d = g + wd * w in a fresh list: p.grad is never modified.
-        d = torch._foreach_add(b_grads, b_params, alpha=weight_decay) if weight_decay else None
-        if momentum != 0.0:
-            if d is None:
-                d = list(torch._foreach_mul(b_grads, scales))
-            else:
-                torch._foreach_mul_(d, scales)
-            torch._foreach_lerp_(b_bufs, d, 1.0 - momentum)  # v = m * v + lr * trust * d
-            if nesterov:
-                torch._foreach_lerp_(d, b_bufs, momentum)  # m * v + lr * trust * d
-                torch._foreach_sub_(b_params, d)
-            else:
-                torch._foreach_sub_(b_params, b_bufs)
-        else:
-            src = b_grads if d is None else d
-            if not layer_adaptation:
-                torch._foreach_add_(b_params, src, alpha=-lr)
-            else:
-                torch._foreach_addcmul_(b_params, src, scales, value=-1.0)
+            lr_trust = list(torch.mul(trust, lr).unbind(0))
+        _foreach_update(b_params, b_grads, b_bufs, lr_trust, lr, momentum, weight_decay, nesterov)
     return records, first_scale
+
+
+def _foreach_add_scaled(
+    dst: list[Tensor], per_tensor: list[Tensor] | None, factor: float, src: list[Tensor]
+) -> None:
+    """dst[i] += factor * per_tensor[i] * src[i], or dst[i] += factor * src[i] when per_tensor is
+    None. The per-tensor factors stay on the device as 0-dim tensors, passed as addcmul's tensor1,
+    the operand for which CUDA's multi-tensor fast path accepts 0-dim tensors."""
+    if per_tensor is None:
+        torch._foreach_add_(dst, src, alpha=factor)
+    else:
+        torch._foreach_addcmul_(dst, per_tensor, src, value=factor)
+
+
+def _foreach_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    lr_trust: list[Tensor] | None,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    """v = m * v + s * (g + wd * w); w = w - v (Nesterov: w = w - (m * v + s * (g + wd * w))),
+    with s = lr_trust[i] (0-dim), or lr when lr_trust is None. In-place passes only: no
+    temporary the size of the model, and p.grad is only read."""
+    base = 1.0 if lr_trust is not None else lr
+    if momentum != 0.0:
+        torch._foreach_mul_(bufs, momentum)
+        _foreach_add_scaled(bufs, lr_trust, base, grads)
+        if weight_decay != 0.0:
+            _foreach_add_scaled(bufs, lr_trust, base * weight_decay, params)
+        if not nesterov:
+            torch._foreach_sub_(params, bufs)
+            return
+    # w -= [m * v +] s * (g + wd * w): the decay term first, while w still holds the old weights.
+    if weight_decay != 0.0:
+        _foreach_add_scaled(params, lr_trust, -base * weight_decay, params)
+    if momentum != 0.0:
+        torch._foreach_add_(params, bufs, alpha=-momentum)
+    _foreach_add_scaled(params, lr_trust, -base, grads)

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import _get_scalar_dtype
 
 from .lars import LARS, ParamsT, TrustRecords, check_arg, lars, lars_settings
 
@@ -55,19 +54,25 @@ class TVLARS(LARS):
     parameter's device, as in ``torch.optim.Adam``), so a resumed run continues phi where it was.
     Run TVLARS with a constant learning rate: phi is the schedule.
 
-    The authors' released code (github.com/KhoiDOO/tvlars, ``opt/tvlars.py``) uses
-    phi = 1 / (0.1 + exp(lmbda * (step_cnt + 1))) with ``step_cnt`` counting completed steps from
-    0, i.e. the same 1-based t as here: ``alpha=0.1, delay_steps=0, min_scale=0`` reproduces it.
-    (That code also clamps both norms at 10 and keeps its counter outside the state dict; neither
-    is reproduced.) The default ``lmbda=0.001`` is that code's default.
+    The authors' released code (github.com/KhoiDOO/tvlars, ``opt/tvlars.py``, the revision with
+    ``0.1 + exp``) computes phi = 1 / (0.1 + exp(lmbda * (step_cnt + 1))), where ``step_cnt``
+    counts completed ``step()`` calls from 0: the same 1-based t as here, so ``alpha=0.1,
+    delay_steps=0, min_scale=0`` reproduces its phi. That code also clamps both norms at 10 and
+    keeps its counter outside the state dict (lost on resume); neither is reproduced. Another
+    revision there applies no phi for a number of epochs and then phi of the undelayed t; that is
+    not reproduced either. The default ``lmbda=0.001`` is that code's default.
 
     Args:
         params, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, foreach: as
             :class:`~lars.optim.LARS`.
         lmbda: decay coefficient lambda (>= 0), per optimizer step.
-        alpha: alpha (> 0); phi starts near 1 / (alpha + 1) and the early plateau is 1 / alpha.
+        alpha: alpha (> 0): phi -> 1 / alpha + min_scale for t << delay_steps and
+            phi(delay_steps) = 1 / (alpha + 1) + min_scale.
         delay_steps: d_e (>= 0), in optimizer steps.
-        min_scale: gamma_min (>= 0), the value phi tends to.
+        min_scale: gamma_min (>= 0), the value phi tends to for t >> delay_steps.
+
+    phi is computed on the device in the parameters' dtype, with no host sync; it never becomes
+    inf or NaN (see :func:`tvlars_phi`). :attr:`last_phi` holds the value of the last step.
 
     :meth:`last_trust_ratios` returns the ratio actually applied, i.e. the LARS ratio times phi.
     """
@@ -128,7 +133,7 @@ class TVLARS(LARS):
             for p in group["params"]:
                 step = self.state.get(p, {}).get("step")
                 if step is not None and not torch.is_tensor(step):
-                    self.state[p]["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
+                    self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
         self._last_phi = None
 
     @property
@@ -152,7 +157,7 @@ class TVLARS(LARS):
         for p in params:
             state = self.state[p]
             if "step" not in state:
-                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             elif state["step"].device != p.device:  # e.g. loaded with map_location="cpu"
                 state["step"] = state["step"].to(p.device)
             steps.append(state["step"])

@@ -1,0 +1,85 @@
+"""Surviving preemption and bad steps: signal handling, agreement across ranks, non-finite checks.
+
+Preemption: SLURM (`--signal`) or an operator sends SIGUSR1 or SIGTERM. The handler only records
+the request; after the current optimizer step every rank learns, through one small allreduce that
+all ranks join, whether any rank was signalled, so they all stop after the same step; rank 0 writes
+a checkpoint and the job exits with `REQUEUE_EXIT_STATUS`, which a batch script turns into a
+requeue. A second signal exits at once (status 128 + signal number).
+
+The allreduce of the stop flag is asynchronous: it is started after step s and read after step
+s + 1, so it never waits on the network; a stop therefore happens one step after the signal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+REQUEUE_EXIT_STATUS = 3  # preempted: checkpoint written, run again to resume
+NONFINITE_EXIT_STATUS = 4  # --nonfinite abort: too many non-finite steps in a row
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    """Records SIGTERM/SIGUSR1; the second one exits the process immediately."""
+
+    def __init__(self, signals=PREEMPTION_SIGNALS) -> None:
+        self.signals = signals
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> PreemptionHandler:
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+
+
+class StopAgreement:
+    """Pipelined agreement on 'some rank wants to stop': one tiny CPU allreduce per step."""
+
+    def __init__(self, dist, handler: PreemptionHandler) -> None:
+        self.dist, self.handler = dist, handler
+        self.pending = None
+
+    def after_step(self) -> bool:
+        """Call once per optimizer step on every rank; True when all ranks must stop now."""
+        stop = self.drain()  # started one step ago: already complete, no waiting
+        flag = torch.tensor([1 if self.handler.received is not None else 0], dtype=torch.int32)
+        self.pending = self.dist.allreduce_sum_async(flag)
+        return stop
+
+    def drain(self) -> bool:
+        """Finish the outstanding allreduce (every rank calls this once, at the end)."""
+        previous, self.pending = self.pending, None
+        return previous is not None and int(self.dist.wait(previous)[0]) > 0
+
+
+def grads_are_finite(optimizer) -> torch.Tensor:
+    """A 0-dim bool tensor on the gradients' device: every gradient entry is finite.
+
+    After Horovod's synchronize the gradients are identical on every rank, so every rank reaches
+    the same verdict without communicating.
+    """
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(grads)  # inf or nan if any entry is
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+def params_are_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if t.is_floating_point())
