@@ -17,6 +17,7 @@ setup(
         "tensorboard",
         "scikit-learn",  # ships the handwritten digits that the sample dataset is built from
         "pyyaml",
+        "matplotlib",  # lars.report draws the curves
     ],
     extras_require={
         "horovod": ["horovod==0.28.1", "mpi4py"],

@@ -18,11 +18,21 @@ from lars.schedules import SCHEDULES
 # run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
 # command line (Goyal et al. 2017 / LARS-ImageNet).
 SAMPLE_DEFAULTS = dict(model="resnet18_small", image_size=32, epochs=4, batch_size=32,
-                       val_batch_size=128, min_crop_scale=0.35, hflip=False, base_lr=2.0,
-                       warmup_epochs=0.5, label_smoothing=0.0)
+                       val_batch_size=128, min_crop_scale=0.35, hflip=False,
+                       warmup_epochs=0.5, label_smoothing=0.0, val_crop_ratio=1.0)
 IMAGENET_DEFAULTS = dict(model="resnet50", image_size=224, epochs=90, batch_size=32,
-                         val_batch_size=32, min_crop_scale=0.08, hflip=True, base_lr=0.0125,
-                         warmup_epochs=5.0, label_smoothing=0.1)
+                         val_batch_size=32, min_crop_scale=0.08, hflip=True,
+                         warmup_epochs=5.0, label_smoothing=0.1, val_crop_ratio=0.875)
+# CIFAR-10/100 (32 px) and Tiny ImageNet (64 px): the small-image ResNet, images at native size.
+SMALL_IMAGE_DEFAULTS = dict(model="resnet18_small", epochs=90, batch_size=128,
+                            val_batch_size=256, min_crop_scale=0.35, hflip=True,
+                            warmup_epochs=5.0, label_smoothing=0.1, val_crop_ratio=1.0)
+NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
+# --base-lr when not given, for the reference batch (--lr-reference-batch): layer-wise adaptive
+# optimizers take rates two orders larger than SGD because eta x ||w|| / ||g|| scales them down.
+DEFAULT_BASE_LR = {"lars": 2.0, "tvlars": 2.0, "lamb": 0.01, "sgd": 0.1, "adam": 0.001,
+                   "adamw": 0.001, "adagrad": 0.01, "rmsprop": 0.01}
+DATASETS = ("imagefolder", "cifar10", "cifar100", "tinyimagenet")
 
 
 class UsageError(Exception):
@@ -38,6 +48,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--train-dir", help="ImageFolder root of the training set (default: sample set)")
     d.add_argument("--val-dir", help="ImageFolder root of the validation set")
+    d.add_argument("--dataset", choices=DATASETS,
+                   help="imagefolder (--train-dir/--val-dir), or cifar10, cifar100, tinyimagenet "
+                   "read from their archives in --data-dir (default: imagefolder)")
+    d.add_argument("--data-dir", help="folder holding cifar-10-python.tar.gz, "
+                   "cifar-100-python.tar.gz or tiny-imagenet-200.zip (or what they extract to)")
+    d.add_argument("--val-crop-ratio", type=float,
+                   help="validation: resize to image-size / ratio, centre-crop image-size "
+                   "(0.875; 1.0 for the 32-64 px datasets)")
     d.add_argument("--synthetic", action="store_true",
                    help="random tensors of ImageNet shape instead of files (throughput runs)")
     d.add_argument("--image-size", type=int, help="training crop, pixels (224; sample set: 32)")
@@ -65,7 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--base-op", "--optimizer", dest="base_op", default="lars",
                    choices=OPTIMIZERS, help="optimizer (default: lars)")
     o.add_argument("--base-lr", type=float,
-                   help="learning rate for the reference batch (0.0125; sample set: 2.0)")
+                   help="learning rate for the reference batch (lars/tvlars 2.0, lamb 0.01, "
+                   "sgd 0.1, adam/adamw 0.001, adagrad/rmsprop 0.01)")
     o.add_argument("--lr-scaling", default="keep", choices=("keep", "linear", "sqrt"),
                    help="lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep)")
     o.add_argument("--lr-reference-batch", type=int, default=256,
@@ -144,18 +163,36 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill dataset-dependent defaults and validate everything; raise UsageError on bad input."""
     from lars.models import available_models
 
+    archive = args.dataset not in (None, "imagefolder")
+    if archive and (args.train_dir or args.val_dir):
+        raise UsageError(f"--dataset {args.dataset} reads --data-dir; drop --train-dir/--val-dir")
+    if archive and not args.data_dir:
+        raise UsageError(f"--dataset {args.dataset} needs --data-dir (the folder holding its "
+                         "archive)")
+    if archive and not os.path.isdir(args.data_dir):
+        raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
+    if not archive and args.data_dir:
+        raise UsageError("--data-dir goes with --dataset cifar10|cifar100|tinyimagenet; "
+                         "ImageFolder trees take --train-dir and --val-dir")
     if args.train_dir is None and args.val_dir is not None:
         raise UsageError("--val-dir was given without --train-dir")
     if args.train_dir is not None and args.val_dir is None and not args.synthetic:
         raise UsageError("--train-dir needs --val-dir (an ImageFolder with the same classes)")
-    args.dataset = "synthetic" if args.synthetic else ("sample" if args.train_dir is None
-                                                       else "imagefolder")
-    defaults = SAMPLE_DEFAULTS if args.dataset == "sample" else IMAGENET_DEFAULTS
+    if args.synthetic:
+        args.dataset = "synthetic"
+    elif not archive:
+        args.dataset = "sample" if args.train_dir is None else "imagefolder"
+    if archive:
+        defaults = {**SMALL_IMAGE_DEFAULTS, "image_size": NATIVE_IMAGE_SIZE[args.dataset]}
+    else:
+        defaults = SAMPLE_DEFAULTS if args.dataset == "sample" else IMAGENET_DEFAULTS
     if args.base_op == "tvlars" and args.warmup_epochs is None:
         args.warmup_epochs = 0.0  # TVLARS needs no warm-up: its early phase is plain LARS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.base_lr is None:
+        args.base_lr = DEFAULT_BASE_LR[args.base_op]
     if args.schedule is None:
         args.schedule = "none" if args.base_op == "tvlars" else "poly"
     if args.max_nonfinite is None:
@@ -173,6 +210,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("base_lr", "wd", "warmup_epochs", "end_lr", "tv_delay_epochs", "tv_min_scale",
                  "lmbda", "workers"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"), allow_zero=True)
+    if not 0.0 < args.val_crop_ratio <= 1.0:
+        raise UsageError(f"--val-crop-ratio must be in (0, 1], got {args.val_crop_ratio}")
     if not 0.0 < args.min_crop_scale <= 1.0:
         raise UsageError(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
     if not 0.0 <= args.label_smoothing < 1.0:

@@ -45,7 +45,7 @@ class LocalBackend:
     def broadcast_model(self, model: torch.nn.Module) -> None:
         pass
 
-    def broadcast_object(self, obj):
+    def broadcast_object(self, obj, name: str = "lars.object"):
         return obj
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class LocalBackend:
     def wait(self, handle) -> torch.Tensor:
         return handle
 
-    def allgather_object(self, obj) -> list:
+    def allgather_object(self, obj, name: str = "lars.gather") -> list:
         return [obj]
 
     def synchronize(self, optimizer) -> None:
@@ -106,8 +106,10 @@ class HorovodBackend:
         # Parameters and buffers (BatchNorm running statistics) start equal on every rank.
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-    def broadcast_object(self, obj):
-        return self.hvd.broadcast_object(obj, root_rank=0)
+    def broadcast_object(self, obj, name: str = "lars.object"):
+        # An explicit name: Horovod's default is the object's type, which differs between the
+        # root (a dict) and the others (None), and the collective would never match.
+        return self.hvd.broadcast_object(obj, root_rank=0, name=name)
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.hvd.allreduce(tensor, op=self.hvd.Sum)
@@ -118,8 +120,8 @@ class HorovodBackend:
     def wait(self, handle) -> torch.Tensor:
         return self.hvd.synchronize(handle)
 
-    def allgather_object(self, obj) -> list:
-        return self.hvd.allgather_object(obj)
+    def allgather_object(self, obj, name: str = "lars.gather") -> list:
+        return self.hvd.allgather_object(obj, name=name)
 
     def synchronize(self, optimizer) -> None:
         # Waits for the gradient allreduce started by the k-th backward pass; after it the

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 import torch
 
@@ -83,3 +85,44 @@ def grads_are_finite(optimizer) -> torch.Tensor:
 def params_are_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if t.is_floating_point())
+
+
+STALL_EXIT_STATUS = 5  # no progress for --stall-timeout seconds (a rank died or hangs)
+
+
+class Watchdog:
+    """Ends this process when no progress is reported for `timeout` seconds.
+
+    A rank that is frozen (not dead) leaves the others blocked inside a collective, where
+    Horovod's own stall check cannot run (its background thread is blocked in the same MPI
+    call). A thread that watches the time since the last `kick()` gets them out: it prints one
+    line and exits with STALL_EXIT_STATUS, and mpirun then ends the remaining ranks.
+    """
+
+    def __init__(self, timeout: float, describe=lambda: "") -> None:
+        import threading
+
+        self.timeout, self.describe = timeout, describe
+        self.last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lars-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def kick(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(5.0, self.timeout / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                print(f"pytorch_imagenet_resnet.py: error: no progress for {idle:.0f} s "
+                      f"(--stall-timeout {self.timeout:g}) {self.describe()}: another rank "
+                      "probably died or hangs; resume from the last checkpoint",
+                      file=sys.stderr, flush=True)
+                os._exit(STALL_EXIT_STATUS)

@@ -28,7 +28,8 @@ class TrainMeter:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, dist, device: torch.device) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader, dist, device: torch.device,
+             progress=lambda: None) -> dict[str, float]:
     """Whole-set loss (plain cross-entropy), top-1 and top-5 in percent.
 
     Each rank counts over its shard (disjoint, unpadded); one allreduce sums the counts.
@@ -37,6 +38,7 @@ def evaluate(model: torch.nn.Module, loader, dist, device: torch.device) -> dict
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, samples
     bad_paths: list[str] = []
     for images, labels, bad in loader:
+        progress()
         bad_paths += bad
         if images is None:
             continue

@@ -43,6 +43,11 @@ PLOTS = (
     ("lr.png", "train/lr", "Learning rate", "learning rate (param group 0)"),
     ("trust_ratio.png", "trust_ratio", "Mean trust ratio", "mean of trust_ratio/* tags"),
 )
+# Learning rates and trust ratios of different optimizers differ by orders of magnitude (LARS's
+# eta = 0.001 against LAMB's ratio near 1): these plots switch to a log axis when the positive
+# values span more than WIDE_RANGE.
+LOG_WHEN_WIDE = ("train/lr", "trust_ratio")
+WIDE_RANGE = 100.0
 SUMMARY_FILE = "summary.md"
 
 Series = list[tuple[int, float]]  # (optimizer step, value), sorted by step
@@ -136,23 +141,37 @@ def load_run(path: str | Path) -> Run:
     if not any(folder.glob(EVENT_FILE_PATTERN)):
         raise RunDirError(f"{path}: no TensorBoard event files ({EVENT_FILE_PATTERN}) in it")
     config = _read_config(folder)
-    return Run(name=folder.resolve().name, config=config, scalars=_read_scalars(folder),
-               path=folder)
+    return Run(
+        name=folder.resolve().name, config=config, scalars=_read_scalars(folder), path=folder
+    )
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
     """Legend labels: the optimizer name, made unique with the folder name where runs share it."""
     base = [run.optimizer or run.name for run in runs]
-    return [label if base.count(label) == 1 or label == run.name else f"{label} ({run.name})"
-            for label, run in zip(base, runs)]
+    return [
+        label if base.count(label) == 1 or label == run.name else f"{label} ({run.name})"
+        for label, run in zip(base, runs)
+    ]
 
 
 def _series(run: Run, tag: str) -> Series:
     return run.mean_trust_ratio() if tag == "trust_ratio" else run.scalars.get(tag, [])
 
 
-def _draw(path: Path, title: str, xlabel: str, ylabel: str,
-          lines: list[tuple[str, list[float], list[float]]]) -> None:
+def _wide(lines: list[tuple[str, list[float], list[float]]]) -> bool:
+    positive = [y for _, _, ys in lines for y in ys if y > 0]
+    return bool(positive) and max(positive) > WIDE_RANGE * min(positive)
+
+
+def _draw(
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    lines: list[tuple[str, list[float], list[float]]],
+    log_when_wide: bool = False,
+) -> None:
     # The object-oriented API with an explicit Agg canvas: no pyplot state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -166,8 +185,17 @@ def _draw(path: Path, title: str, xlabel: str, ylabel: str,
     if lines:
         axes.legend(fontsize="small")
     else:
-        axes.text(0.5, 0.5, "no run logged this", ha="center", va="center",
-                  transform=axes.transAxes, color="grey")
+        axes.text(
+            0.5,
+            0.5,
+            "no run logged this",
+            ha="center",
+            va="center",
+            transform=axes.transAxes,
+            color="grey",
+        )
+    if log_when_wide and _wide(lines):
+        axes.set_yscale("log")  # zeros (warm-up start, end_lr 0) are left out of a log axis
     axes.set_title(title)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
@@ -182,23 +210,31 @@ def _number(value: float | int | None, fmt: str) -> str:
 
 def summary_markdown(runs: Sequence[Run]) -> str:
     """The markdown table written to summary.md (final = value at the highest logged step)."""
-    header = ("| run | optimizer | global batch | lr | steps | val top-1 (%) | val top-5 (%) "
-              "| val loss | train loss |")
+    header = (
+        "| run | optimizer | global batch | lr | steps | val top-1 (%) | val top-5 (%) "
+        "| val loss | train loss |"
+    )
     rows = [header, "|" + "---|" * 9]
     for run in runs:
         plan = run.config.get("plan", {})
         cells = [
-            run.name.replace("|", "\\|"), run.optimizer or "n/a",
-            _number(plan.get("global_batch_size"), "d"), _number(plan.get("lr"), ".6g"),
+            run.name.replace("|", "\\|"),
+            run.optimizer or "n/a",
+            _number(plan.get("global_batch_size"), "d"),
+            _number(plan.get("lr"), ".6g"),
             _number(run.last_step(), "d"),
-            _number(run.final("val/top1"), ".2f"), _number(run.final("val/top5"), ".2f"),
-            _number(run.final("val/loss"), ".4f"), _number(run.final("train/loss"), ".4f"),
+            _number(run.final("val/top1"), ".2f"),
+            _number(run.final("val/top5"), ".2f"),
+            _number(run.final("val/loss"), ".4f"),
+            _number(run.final("train/loss"), ".4f"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     plots = "\n".join(f"![{title}]({name})" for name, _, title, _ in PLOTS)
-    return ("# Training runs\n\n" + "\n".join(rows) + "\n\n"
-            "Final values are those logged at each run's highest optimizer step; lr is the peak "
-            "learning rate after scaling (config.json `plan.lr`).\n\n" + plots + "\n")
+    return (
+        "# Training runs\n\n" + "\n".join(rows) + "\n\n"
+        "Final values are those logged at each run's highest optimizer step; lr is the peak "
+        "learning rate after scaling (config.json `plan.lr`).\n\n" + plots + "\n"
+    )
 
 
 def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
@@ -215,9 +251,10 @@ def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             series = _series(run, tag)
             if series:
                 scale = run.steps_per_epoch if by_epoch else 1
-                lines.append((label, [step / scale for step, _ in series],
-                              [value for _, value in series]))
-        _draw(out / file_name, title, xlabel, ylabel, lines)
+                lines.append(
+                    (label, [step / scale for step, _ in series], [value for _, value in series])
+                )
+        _draw(out / file_name, title, xlabel, ylabel, lines, tag in LOG_WHEN_WIDE)
         written.append(out / file_name)
     summary = out / SUMMARY_FILE
     summary.write_text(summary_markdown(runs))
@@ -228,17 +265,25 @@ def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lars.report",
-        description="Plot and tabulate training runs from their TensorBoard event files.")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="a --log-dir of pytorch_imagenet_resnet.py (event files, config.json)")
-    parser.add_argument("--out", default="report",
-                        help="folder for the PNG plots and summary.md (default: report)")
+        description="Plot and tabulate training runs from their TensorBoard event files.",
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a --log-dir of pytorch_imagenet_resnet.py (event files, config.json)",
+    )
+    parser.add_argument(
+        "--out", default="report", help="folder for the PNG plots and summary.md (default: report)"
+    )
     args = parser.parse_args(argv)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("lars.report: error: matplotlib is not installed: pip install matplotlib",
-              file=sys.stderr)
+        print(
+            "lars.report: error: matplotlib is not installed: pip install matplotlib",
+            file=sys.stderr,
+        )
         return 2
     try:
         runs = [load_run(path) for path in args.run_dirs]

@@ -31,7 +31,7 @@ from lars.data.sample import build_sample_dataset
 from lars.distributed import init_distributed
 from lars.factory import build_optimizer
 from lars.faults import (NONFINITE_EXIT_STATUS, REQUEUE_EXIT_STATUS, PreemptionHandler,
-                         StopAgreement, grads_are_finite, params_are_finite)
+                         StopAgreement, Watchdog, grads_are_finite, params_are_finite)
 from lars.metrics import TrainMeter, evaluate
 from lars.models import build_model
 from lars.param_groups import param_group_summary, param_groups
@@ -95,6 +95,8 @@ class Run:
 
     def __init__(self, args) -> None:
         self.args = args
+        # Installed first, so a preemption signal during start-up is not lost.
+        self.preemption = PreemptionHandler().install()
         self.dist = dist = init_distributed(args.stall_timeout)
         cores = os.cpu_count() or 1
         torch.set_num_threads(args.threads or max(1, cores // dist.local_size))
@@ -117,7 +119,8 @@ class Run:
             train_dir=args.train_dir, val_dir=args.val_dir, synthetic=args.synthetic,
             image_size=args.image_size, min_crop_scale=args.min_crop_scale, hflip=args.hflip,
             batch_size=args.batch_size, val_batch_size=args.val_batch_size,
-            workers=args.workers, seed=args.seed, strict_data=args.strict_data)
+            workers=args.workers, seed=args.seed, strict_data=args.strict_data,
+            dataset=args.dataset, data_dir=args.data_dir, val_crop_ratio=args.val_crop_ratio)
         try:
             self.data = build_loaders(data_cfg, dist.rank, dist.size, pin_memory=cuda)
         except (FileNotFoundError, ValueError) as error:
@@ -140,8 +143,11 @@ class Run:
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         resumed = self._resume()
         dist.broadcast_model(self.model)
+        # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
         self.reporter = Reporter(args.log_dir, enabled=dist.rank == 0,
-                                 purge_step=self.global_step if resumed else None)
+                                 purge_step=self.global_step + 1 if resumed else None)
+        self.watchdog = Watchdog(args.stall_timeout,
+                                 lambda: f"on rank {dist.rank} at step {self.global_step}")
 
     # ----------------------------------------------------------------------------- checkpoints
     def _resume(self) -> bool:
@@ -192,6 +198,7 @@ class Run:
                    "config": {k: v for k, v in vars(self.args).items()
                               if isinstance(v, (int, float, str, bool, type(None)))}}
         save_checkpoint(payload, self.args.log_dir, self.global_step, self.args.keep_checkpoints)
+        self.watchdog.kick()
 
     # ----------------------------------------------------------------------------- reporting
     def config(self) -> dict:
@@ -209,6 +216,9 @@ class Run:
                 f"{args.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
                 f"steps, {plan.warmup_steps} warm-up steps, schedule {args.schedule}")
         r.print(param_group_summary(self.model, self.groups))
+        if self.global_step:
+            r.print(f"resumed at step {self.global_step} (epoch {self.epoch + 1}, step "
+                    f"{self.global_step - self.epoch * plan.steps_per_epoch} of it)")
 
     def log_train(self, meter: TrainMeter, images: int, seconds: float) -> None:
         stats = meter.read_and_reset(self.dist)  # every rank joins this allreduce
@@ -238,7 +248,8 @@ class Run:
                                 f"(epoch {self.epoch + 1}): {shown}")
 
     def validate(self) -> dict[str, float]:
-        metrics = evaluate(self.model, self.data.val, self.dist, self.device)
+        metrics = evaluate(self.model, self.data.val, self.dist, self.device,
+                           progress=self.watchdog.kick)
         self.report_bad_files("validation", metrics.pop("bad_paths"))
         self.reporter.scalars({f"val/{k}": metrics[k] for k in ("loss", "top1", "top5")},
                               self.global_step)
@@ -280,6 +291,7 @@ class Run:
                                     self.loss_fn, self.optimizer, self.scheduler, self.dist,
                                     meter, self.device, bad_paths)
             self.global_step += 1
+            self.watchdog.kick()
             self.count_step(finite)
             if self.global_step % args.log_interval == 0:
                 now = time.perf_counter()
@@ -307,9 +319,10 @@ class Run:
                                 f"{self.global_step}; final {self.final}")
             return self.final
         meter, started = TrainMeter(self.device), time.perf_counter()
-        handler = PreemptionHandler().install()
+        handler = self.preemption
         stop = StopAgreement(self.dist, handler)
         self.model.train()
+        self.watchdog.start()
         try:
             while self.global_step < max_steps:
                 stopped = self.train_epoch(meter, stop, max_steps)
@@ -329,7 +342,7 @@ class Run:
         except CorruptSampleError as error:
             raise UsageError(str(error).strip().splitlines()[-1].split(": ", 1)[-1]) from None
         finally:
-            handler.uninstall()
+            self.watchdog.stop()
         self.reporter.print(f"done: {self.global_step} steps in "
                             f"{time.perf_counter() - started:.1f} s; final val top1 "
                             f"{self.final['top1']:.2f}% loss {self.final['loss']:.4f}"
@@ -338,6 +351,7 @@ class Run:
         return self.final
 
     def close(self) -> None:
+        self.preemption.uninstall()
         self.reporter.close()
 
 

@@ -115,7 +115,7 @@ def test_validation_metrics_are_whole_set_metrics(tmp_path, sample_root):
 
     model = build_model("tinycnn", 10)
     model.load_state_dict(payload["model"])
-    val = ImageFolder(sample_root / "val", transform=val_transform(32))
+    val = ImageFolder(sample_root / "val", transform=val_transform(32, 1.0))
     loader = torch.utils.data.DataLoader(val, batch_size=359, collate_fn=collate_skipping_bad)
     expected = evaluate(model, loader, LocalBackend(), torch.device("cpu"))
     assert reported["samples"] == expected["samples"] == 359

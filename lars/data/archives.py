@@ -56,7 +56,7 @@ class _Layout:
     title: str
     folder: str
     archive: str
-    marker: str  # a file inside `folder`: tells that --data-dir is the extracted folder itself
+    marker: str  # a file in `folder` (CIFAR: the meta file); tells --data-dir is that folder
     url: str
 
 
@@ -65,7 +65,6 @@ class _CifarSpec:
     layout: _Layout
     train_files: tuple[str, ...]
     val_files: tuple[str, ...]
-    meta_file: str
     label_key: bytes
     names_key: bytes
     num_classes: int
@@ -74,17 +73,28 @@ class _CifarSpec:
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 _CIFAR = {
     "cifar10": _CifarSpec(
-        _Layout("CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "batches.meta",
-                _CIFAR_URL),
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), val_files=("test_batch",),
-        meta_file="batches.meta", label_key=b"labels", names_key=b"label_names", num_classes=10),
+        _Layout(
+            "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "batches.meta", _CIFAR_URL
+        ),
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        val_files=("test_batch",),
+        label_key=b"labels",
+        names_key=b"label_names",
+        num_classes=10,
+    ),
     "cifar100": _CifarSpec(
         _Layout("CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz", "meta", _CIFAR_URL),
-        train_files=("train",), val_files=("test",), meta_file="meta",
-        label_key=b"fine_labels", names_key=b"fine_label_names", num_classes=100),
+        train_files=("train",),
+        val_files=("test",),
+        label_key=b"fine_labels",
+        names_key=b"fine_label_names",
+        num_classes=100,
+    ),
 }
-_TINY = _Layout("Tiny ImageNet", "tiny-imagenet-200", "tiny-imagenet-200.zip", "wnids.txt",
-                "http://cs231n.stanford.edu/tiny-imagenet-200.zip")
+_TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+_TINY = _Layout(
+    "Tiny ImageNet", "tiny-imagenet-200", "tiny-imagenet-200.zip", "wnids.txt", _TINY_URL
+)
 
 
 def _locate(layout: _Layout, data_dir: str) -> tuple[str, Path]:
@@ -108,12 +118,14 @@ def _locate(layout: _Layout, data_dir: str) -> tuple[str, Path]:
 
 # The only globals the original (Python 2, protocol 2) CIFAR pickles name. numpy 2 spells the
 # first module numpy._core; both resolve to the same function.
-_ALLOWED_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-})
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
 
 
 class _RefusedGlobal(pickle.UnpicklingError):
@@ -136,8 +148,9 @@ def load_cifar_pickle(file: BinaryIO, origin: str) -> dict:
     except _RefusedGlobal as error:
         raise ValueError(f"{origin} is not a CIFAR pickle ({error}); not loading it") from None
     except Exception as error:  # a damaged pickle can fail in many ways; all mean "corrupt"
-        raise ValueError(f"{origin} is corrupt ({type(error).__name__}: {error}); "
-                         "download it again") from None
+        raise ValueError(
+            f"{origin} is corrupt ({type(error).__name__}: {error}); download it again"
+        ) from None
     if not isinstance(content, dict):
         raise ValueError(f"{origin} is not a CIFAR pickle (holds {type(content).__name__})")
     return content
@@ -146,8 +159,12 @@ def load_cifar_pickle(file: BinaryIO, origin: str) -> dict:
 def _cifar_batch(content: dict, spec: _CifarSpec, origin: str) -> tuple[np.ndarray, np.ndarray]:
     """Return (N x 32 x 32 x 3 uint8 images, N int64 labels) from one unpickled batch."""
     data = content.get(b"data")
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3072):
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == 3072
+    ):
         raise ValueError(f"{origin}: b'data' is not a uint8 N x 3072 array")
     try:
         labels = np.asarray(content[spec.label_key], dtype=np.int64)
@@ -170,15 +187,17 @@ def _cifar_names(content: dict, spec: _CifarSpec, origin: str) -> list[str]:
 
 def _read_cifar_files(kind: str, path: Path, spec: _CifarSpec) -> dict[str, dict]:
     """Unpickle every file the dataset needs, by its name inside the folder."""
-    wanted = (*spec.train_files, *spec.val_files, spec.meta_file)
+    wanted = (*spec.train_files, *spec.val_files, spec.layout.marker)
     layout = spec.layout
     if kind == "folder":
         contents = {}
         for name in wanted:
             file = path / name
             if not file.is_file():
-                raise FileNotFoundError(f"{file} is missing: extract {layout.archive} (from "
-                                        f"{layout.url}) into {path.parent} again")
+                raise FileNotFoundError(
+                    f"{file} is missing: extract {layout.archive} (from "
+                    f"{layout.url}) into {path.parent} again"
+                )
             with open(file, "rb") as f:
                 contents[name] = load_cifar_pickle(f, str(file))
         return contents
@@ -189,8 +208,9 @@ def _read_cifar_files(kind: str, path: Path, spec: _CifarSpec) -> dict[str, dict
             for member in tar:
                 name = members.get(member.name.removeprefix("./"))
                 if name is not None and member.isfile():
-                    contents[name] = load_cifar_pickle(tar.extractfile(member),
-                                                       f"{path}:{member.name}")
+                    contents[name] = load_cifar_pickle(
+                        tar.extractfile(member), f"{path}:{member.name}"
+                    )
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise ValueError(f"{path} is corrupt or truncated ({error}); download it again") from None
     missing = [f"{layout.folder}/{name}" for name in wanted if name not in contents]
@@ -212,26 +232,36 @@ class CifarArrays:
 
 def read_cifar(name: str, data_dir: str) -> CifarArrays:
     """Read "cifar10" or "cifar100" (fine labels) from `data_dir`; see the module docstring."""
+    if name not in _CIFAR:
+        raise ValueError(f"unknown CIFAR dataset {name!r}; choose cifar10 or cifar100")
     spec = _CIFAR[name]
     kind, path = _locate(spec.layout, data_dir)
     contents = _read_cifar_files(kind, path, spec)
 
     def split(files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         batches = [_cifar_batch(contents[f], spec, f"{path}/{f}") for f in files]
-        return (np.ascontiguousarray(np.concatenate([b[0] for b in batches])),
-                np.concatenate([b[1] for b in batches]))
+        return (
+            np.ascontiguousarray(np.concatenate([b[0] for b in batches])),
+            np.concatenate([b[1] for b in batches]),
+        )
 
     train_images, train_labels = split(spec.train_files)
     val_images, val_labels = split(spec.val_files)
-    classes = _cifar_names(contents[spec.meta_file], spec, f"{path}/{spec.meta_file}")
+    meta = spec.layout.marker
+    classes = _cifar_names(contents[meta], spec, f"{path}/{meta}")
     return CifarArrays(train_images, train_labels, val_images, val_labels, classes)
 
 
 class CifarImages(Dataset):
-    """Images held as an N x 32 x 32 x 3 uint8 array; yields (RGB image or transform(image), int)."""
+    """Images in an N x 32 x 32 x 3 uint8 array; yields (RGB image or transform(image), int)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str],
-                 transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        classes: list[str],
+        transform: Callable | None = None,
+    ) -> None:
         self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
         self.targets = [int(label) for label in labels]
 
@@ -245,6 +275,7 @@ class CifarImages(Dataset):
 
 # --- Tiny ImageNet ---------------------------------------------------------------------------
 
+
 class _Tree:
     """Read-only access to the files of the extracted folder or of the zip, by relative path."""
 
@@ -257,8 +288,9 @@ class _Tree:
             try:
                 names = self._archive().namelist()
             except (zipfile.BadZipFile, OSError) as error:
-                raise ValueError(f"{path} is not a valid zip file ({error}); download it again"
-                                 ) from None
+                raise ValueError(
+                    f"{path} is not a valid zip file ({error}); download it again"
+                ) from None
             markers = sorted((n for n in names if n.rsplit("/", 1)[-1] == "wnids.txt"), key=len)
             if not markers:
                 raise ValueError(f"{path} holds no wnids.txt; is it tiny-imagenet-200.zip?")
@@ -266,7 +298,7 @@ class _Tree:
             self._listing: dict[str, list[str]] = {}
             for name in names:
                 if name.startswith(self.prefix) and not name.endswith("/"):
-                    folder, _, base = name[len(self.prefix):].rpartition("/")
+                    folder, _, base = name[len(self.prefix) :].rpartition("/")
                     self._listing.setdefault(folder, []).append(base)
 
     def _archive(self) -> zipfile.ZipFile:
@@ -280,9 +312,11 @@ class _Tree:
 
     def missing(self, relative: str) -> Exception:
         if self.kind == "folder":
-            return FileNotFoundError(f"{self.path / relative} is missing: extract "
-                                     f"{_TINY.archive} (from {_TINY.url}) into {self.path.parent}"
-                                     " again")
+            return FileNotFoundError(
+                f"{self.path / relative} is missing: extract "
+                f"{_TINY.archive} (from {_TINY.url}) into {self.path.parent}"
+                " again"
+            )
         return ValueError(f"{self.path} lacks {self.prefix}{relative}; download it again")
 
     def read(self, relative: str) -> bytes:
@@ -309,8 +343,14 @@ class _Tree:
 class TinyImageNetImages(Dataset):
     """Tiny ImageNet images listed as (relative path, label); decoded on access to RGB."""
 
-    def __init__(self, tree: _Tree, samples: list[tuple[str, int]], classes: list[str],
-                 descriptions: list[str], transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        tree: _Tree,
+        samples: list[tuple[str, int]],
+        classes: list[str],
+        descriptions: list[str],
+        transform: Callable | None = None,
+    ) -> None:
         self.tree, self.samples, self.classes = tree, samples, classes
         self.descriptions, self.transform = descriptions, transform
         self.targets = [label for _, label in samples]
@@ -354,19 +394,25 @@ def read_tiny_imagenet(data_dir: str) -> tuple[TinyImageNetImages, TinyImageNetI
     val = []
     for row in _text_lines(tree, "val/val_annotations.txt"):
         if len(row) < 2 or row[1] not in index:
-            raise ValueError(f"{tree.path}: val/val_annotations.txt has a line {row!r} whose "
-                             "second field is not a wnid of wnids.txt")
+            raise ValueError(
+                f"{tree.path}: val/val_annotations.txt has a line {row!r} whose "
+                "second field is not a wnid of wnids.txt"
+            )
         if row[0] not in present:
             raise tree.missing(f"val/images/{row[0]}")
         val.append((f"val/images/{row[0]}", index[row[1]]))
-    return (TinyImageNetImages(tree, train, classes, descriptions),
-            TinyImageNetImages(tree, val, classes, descriptions))
+    return (
+        TinyImageNetImages(tree, train, classes, descriptions),
+        TinyImageNetImages(tree, val, classes, descriptions),
+    )
 
 
 # --- entry point -----------------------------------------------------------------------------
 
-def build_archive_datasets(name: str, data_dir: str, train_transform: Callable | None,
-                           val_transform: Callable | None) -> tuple[Dataset, Dataset, list[str]]:
+
+def build_archive_datasets(
+    name: str, data_dir: str, train_transform: Callable | None, val_transform: Callable | None
+) -> tuple[Dataset, Dataset, list[str]]:
     """Return (train, val, classes) for `name` in ARCHIVE_DATASETS read from `data_dir`.
 
     Raises FileNotFoundError (one line naming the missing file and where to put it) or ValueError
@@ -376,8 +422,9 @@ def build_archive_datasets(name: str, data_dir: str, train_transform: Callable |
     """
     if name in _CIFAR:
         arrays = read_cifar(name, data_dir)
-        train = CifarImages(arrays.train_images, arrays.train_labels, arrays.classes,
-                            train_transform)
+        train = CifarImages(
+            arrays.train_images, arrays.train_labels, arrays.classes, train_transform
+        )
         val = CifarImages(arrays.val_images, arrays.val_labels, arrays.classes, val_transform)
         return train, val, arrays.classes
     if name == "tinyimagenet":

@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
+from lars.data.archives import ARCHIVE_DATASETS, build_archive_datasets
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -143,9 +145,10 @@ def train_transform(image_size: int, min_crop_scale: float, hflip: bool):
     return transforms.Compose(steps)
 
 
-def val_transform(image_size: int):
-    # The standard 0.875 centre-crop ratio (224 of 256).
-    resize = int(round(image_size / 0.875))
+def val_transform(image_size: int, crop_ratio: float = 0.875):
+    """Resize the short side to image_size / crop_ratio, then centre-crop image_size: 0.875 is
+    the ImageNet standard (224 of 256); 1.0 keeps 32-64 px datasets at their native size."""
+    resize = int(round(image_size / crop_ratio))
     return transforms.Compose([
         transforms.Resize(resize),
         transforms.CenterCrop(image_size),
@@ -167,6 +170,9 @@ class DataConfig:
     workers: int
     seed: int
     strict_data: bool = False
+    dataset: str = "imagefolder"  # or sample, synthetic, or one of ARCHIVE_DATASETS
+    data_dir: str | None = None
+    val_crop_ratio: float = 0.875
     synthetic_size: int = 4096
     synthetic_classes: int = 1000
 
@@ -198,9 +204,12 @@ def build_datasets(cfg: DataConfig):
         val = SyntheticImages(max(cfg.synthetic_size // 8, 1), cfg.image_size,
                               cfg.synthetic_classes)
         return train, val, [str(i) for i in range(cfg.synthetic_classes)]
-    train = _image_folder(cfg.train_dir, train_transform(cfg.image_size, cfg.min_crop_scale,
-                                                         cfg.hflip), "train")
-    val = _image_folder(cfg.val_dir, val_transform(cfg.image_size), "val")
+    train_tf = train_transform(cfg.image_size, cfg.min_crop_scale, cfg.hflip)
+    val_tf = val_transform(cfg.image_size, cfg.val_crop_ratio)
+    if cfg.dataset in ARCHIVE_DATASETS:
+        return build_archive_datasets(cfg.dataset, cfg.data_dir, train_tf, val_tf)
+    train = _image_folder(cfg.train_dir, train_tf, "train")
+    val = _image_folder(cfg.val_dir, val_tf, "val")
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))[:5]
         only_val = sorted(set(val.classes) - set(train.classes))[:5]
