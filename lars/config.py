@@ -115,6 +115,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--end-lr", type=float, default=0.0, help="final learning rate (default: 0)")
 
     h = p.add_argument_group("distributed and hardware")
+    h.add_argument("--backend", choices=("auto", "horovod", "torch"), default="auto",
+                   help="horovod, or torch.distributed with DDP; auto: horovod when installed "
+                   "(default: auto)")
     h.add_argument("--fp16-allreduce", action="store_true", help="compress gradients to fp16")
     h.add_argument("--use-adasum", action="store_true", help="Adasum instead of averaging")
     h.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")

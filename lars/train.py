@@ -69,20 +69,21 @@ def optimizer_step(model, batches, k, loss_fn, optimizer, scheduler, dist, meter
     forward, loss / k, backward (k times; Horovod allreduces during the k-th backward);
     synchronise; check the averaged gradients are finite; step without a second
     synchronisation; schedule; zero_grad. Returns False when the step was skipped."""
-    for images, labels, bad in islice(batches, k):
+    for i, (images, labels, bad) in enumerate(islice(batches, k)):
         bad_paths += bad
-        if images is None:  # every file of this micro-batch was unreadable: Horovod still
-            loss = sum(p.sum() for p in model.parameters()) * 0.0  # needs k backward passes
-            loss.backward()
-            continue
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        output = model(images)
-        loss = loss_fn(output, labels)
-        (loss / k).backward()
+        with dist.micro_batch(model, last=i == k - 1):  # DDP: no_sync() but for the last
+            if images is None:  # every file of this micro-batch was unreadable: Horovod still
+                loss = sum(p.sum() for p in model.parameters()) * 0.0  # needs k backward passes
+                loss.backward()
+                continue
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            output = model(images)
+            loss = loss_fn(output, labels)
+            (loss / k).backward()
         meter.update(loss, output, labels)
     dist.synchronize(optimizer)
-    finite = bool(grads_are_finite(optimizer))  # the same verdict on every rank
+    finite = dist.all_finite(grads_are_finite(optimizer))  # the same verdict on every rank
     if finite:
         dist.step(optimizer)
     scheduler.step()
@@ -97,12 +98,15 @@ class Run:
         self.args = args
         # Installed first, so a preemption signal during start-up is not lost.
         self.preemption = PreemptionHandler().install()
-        self.dist = dist = init_distributed(args.stall_timeout)
+        cuda = torch.cuda.is_available() and not args.no_cuda
+        try:
+            self.dist = dist = init_distributed(args.backend, cuda, args.stall_timeout)
+        except RuntimeError as error:
+            raise UsageError(str(error)) from None
         cores = os.cpu_count() or 1
         torch.set_num_threads(args.threads or max(1, cores // dist.local_size))
         if args.workers is None:
             args.workers = max(0, min(8, cores // dist.local_size - 1))
-        cuda = torch.cuda.is_available() and not args.no_cuda
         if cuda:
             torch.cuda.set_device(dist.local_rank)
             torch.backends.cudnn.benchmark = not args.deterministic
@@ -131,8 +135,12 @@ class Run:
         self.model = build_model(args.model, self.data.num_classes).to(self.device)
         optimizer, self.groups = make_optimizer(args, self.model, plan)
         # Horovod rebuilds the optimizer as Cls(param_groups): wrap before loading any state.
-        self.optimizer = dist.wrap_optimizer(optimizer, self.model, args.batches_per_allreduce,
-                                             args.fp16_allreduce, args.use_adasum)
+        try:
+            self.optimizer = dist.wrap_optimizer(optimizer, self.model,
+                                                 args.batches_per_allreduce,
+                                                 args.fp16_allreduce, args.use_adasum)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         self.scheduler = build_scheduler(
             self.optimizer, schedule=args.schedule, total_steps=plan.total_steps,
             warmup_steps=plan.warmup_steps, end_lr=args.end_lr, power=args.lr_power,
@@ -143,6 +151,7 @@ class Run:
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         resumed = self._resume()
         dist.broadcast_model(self.model)
+        self.forward_model = dist.wrap_model(self.model)  # DDP under --backend torch
         # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
         self.reporter = Reporter(args.log_dir, enabled=dist.rank == 0,
                                  purge_step=self.global_step + 1 if resumed else None)
@@ -209,6 +218,8 @@ class Run:
 
     def describe(self) -> None:
         r, plan, args = self.reporter, self.plan, self.args
+        if self.dist.notice:
+            r.print(self.dist.notice)
         r.print(f"run: {args.dataset} {args.model} {args.base_op} on {plan.world_size} rank(s) "
                 f"({self.dist.name}, {self.device}); log dir {args.log_dir}")
         r.print(f"global batch {plan.global_batch_size} = {args.batch_size} x {plan.world_size} "
@@ -287,7 +298,7 @@ class Run:
         tick, tick_step = time.perf_counter(), self.global_step
         stopped = False
         for _ in range(done_in_epoch, plan.steps_per_epoch):
-            finite = optimizer_step(self.model, batches, args.batches_per_allreduce,
+            finite = optimizer_step(self.forward_model, batches, args.batches_per_allreduce,
                                     self.loss_fn, self.optimizer, self.scheduler, self.dist,
                                     meter, self.device, bad_paths)
             self.global_step += 1
@@ -340,7 +351,10 @@ class Run:
                 self.save()
             stop.drain()
         except CorruptSampleError as error:
-            raise UsageError(str(error).strip().splitlines()[-1].split(": ", 1)[-1]) from None
+            # From a DataLoader worker the message carries the worker's traceback: keep our line.
+            lines = [line for line in str(error).splitlines() if "unreadable file" in line]
+            text = lines[-1] if lines else str(error)
+            raise UsageError(text[text.find("unreadable file"):]) from None
         finally:
             self.watchdog.stop()
         self.reporter.print(f"done: {self.global_step} steps in "
@@ -353,6 +367,7 @@ class Run:
     def close(self) -> None:
         self.preemption.uninstall()
         self.reporter.close()
+        self.dist.shutdown()
 
 
 def run(args) -> dict | None:

@@ -103,11 +103,18 @@ def _rank_pids(log_dir) -> list[int]:
 def _wait_for_training(process, log_dir, ranks, timeout=120):
     """Block until rank 0 printed a training step and all rank processes exist."""
     deadline = time.time() + timeout
+    seen = []
     for line in process.stdout:
+        seen.append(line)
         if " step " in line and "img/s" in line:
             break
         assert time.time() < deadline, "training did not start"
-    pids = _rank_pids(log_dir)
+    else:
+        raise AssertionError("the run ended before training:\n" + "".join(seen)
+                             + process.stderr.read())
+    pids = []
+    while len(pids) != ranks and time.time() < deadline:
+        pids = _rank_pids(log_dir)
     assert len(pids) == ranks, pids
     return pids
 
@@ -254,6 +261,10 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, corrupt_dataset):
                 corrupt_dataset / "val",
                 "--image-size",
                 "32",
+                "--val-crop-ratio",
+                "1",
+                "--warmup-epochs",
+                "0",
                 "--batch-size",
                 "64",
                 "--log-dir",
@@ -278,6 +289,8 @@ def test_strict_data_makes_them_fatal(tmp_path, corrupt_dataset):
             corrupt_dataset / "val",
             "--image-size",
             "32",
+            "--warmup-epochs",
+            "0",
             "--batch-size",
             "64",
             "--strict-data",

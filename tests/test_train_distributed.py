@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,45 @@ def test_seed_readme_command_line_runs(tmp_path, sample_root):
     # --bn-bias-separately: normalisation layers (downsample.1 included) and biases not adapted
     assert "trust_ratio/bn1.weight" not in tags and "trust_ratio/fc.bias" not in tags
     assert "trust_ratio/layer1.0.downsample.1.weight" not in tags
+
+
+def test_torch_backend_matches_horovod_and_runs_under_torchrun(tmp_path):
+    """Same seed, same data: Horovod, torch.distributed under mpirun, and under torchrun."""
+    require_distributed()
+    import shutil
+    import subprocess
+    import sys
+
+    common = [*TINY, "--base-op", "lars", "--base-lr", "2", "--warmup-epochs", "0",
+              "--max-steps", "3", "--batch-size", "8", "--batches-per-allreduce", "2"]
+    check_ok(run_script([*common, "--backend", "horovod", "--log-dir", tmp_path / "hvd"], np=2))
+    out = check_ok(run_script([*common, "--backend", "torch", "--log-dir", tmp_path / "ddp"],
+                              np=2))
+    assert "2 rank(s) (torch, cpu)" in out
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", str(ROOT / "pytorch_imagenet_resnet.py"),
+                             *map(str, common), "--backend", "torch", "--log-dir",
+                             str(tmp_path / "torchrun")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    check_ok(result)
+    _, hvd = _final_params(tmp_path / "hvd")
+    for other in ("ddp", "torchrun"):
+        _, params = _final_params(tmp_path / other)
+        for name, value in params.items():
+            torch.testing.assert_close(value, hvd[name], rtol=1e-5, atol=1e-7, msg=other + name)
+
+
+@pytest.mark.parametrize("extra", [["--fp16-allreduce"], ["--use-adasum"],
+                                   ["--fp16-allreduce", "--backend", "torch"]])
+def test_allreduce_variants_run(tmp_path, extra):
+    require_distributed()
+    out = check_ok(run_script([*TINY, "--max-steps", "2", "--batch-size", "8", *extra,
+                               "--log-dir", tmp_path / "run"], np=2))
+    assert "done: 2 steps" in out
+
+
+def test_adasum_needs_horovod(tmp_path):
+    require_distributed()
+    result = run_script([*TINY, "--max-steps", "2", "--use-adasum", "--backend", "torch",
+                         "--log-dir", tmp_path / "run"], np=2)
+    assert result.returncode == 2 and "--use-adasum" in result.stderr
