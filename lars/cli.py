@@ -13,6 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, validate and train. Bad input: one line on stderr and exit status 2."""
     try:
         args = parse_args(argv)
+        if args.dry_run:
+            from lars.dryrun import dry_run
+
+            dry_run(args)
+            return 0
         from lars.train import RunStopped, run  # heavy imports only once the flags are good
 
         try:

@@ -1,8 +1,8 @@
 """Command-line flags, defaults that depend on the dataset, and validation.
 
 `get_args_parser()` defines every flag (grouped, with units and defaults in the help).
-`resolve(args)` fills the dataset-dependent defaults (the embedded sample set trains a small model on
-32 px images; ImageNet uses the paper settings) and checks every value and combination, raising
+`resolve(args)` fills the dataset-dependent defaults (the embedded sample set trains a small model
+on 32 px images; ImageNet uses the paper settings) and checks every value and combination, raising
 `UsageError` with a message that names the flag. Nothing here imports Horovod or touches data.
 """
 
@@ -124,6 +124,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     h.add_argument("--threads", type=int,
                    help="torch CPU threads per rank (default: CPU cores / ranks on the node)")
 
+    c = p.add_argument_group("configuration files and planning")
+    c.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file of defaults (keys are long option names, with dashes or "
+                   "underscores); flags on the command line override it")
+    c.add_argument("--dry-run", action="store_true",
+                   help="print the plan (global batch, scaled LR, steps, warm-up, LR at a few "
+                   "points, parameters per group) and exit without training")
+    c.add_argument("--ranks", type=int,
+                   help="with --dry-run: plan for this many ranks (default: this launch's)")
+
     r = p.add_argument_group("run, logging and checkpoints")
     r.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     r.add_argument("--log-dir", help="TensorBoard, config and checkpoint folder "
@@ -208,7 +218,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
     for flag in ("epochs", "batch_size", "val_batch_size", "batches_per_allreduce", "image_size",
                  "lr_reference_batch", "log_interval", "keep_checkpoints", "max_steps",
-                 "threads", "checkpoint_every_steps", "max_nonfinite", "stall_timeout"):
+                 "threads", "checkpoint_every_steps", "max_nonfinite", "stall_timeout",
+                 "ranks"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     for flag in ("base_lr", "wd", "warmup_epochs", "end_lr", "tv_delay_epochs", "tv_min_scale",
                  "lmbda", "workers"):
@@ -248,6 +259,45 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Defaults from a YAML file, checked against the parser's options and choices."""
+    import yaml
+
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise UsageError(f"--config {path!r}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"--config {path!r} is not valid YAML: "
+                         f"{str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path!r} must hold a mapping of option names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise UsageError(f"--config {path!r}: unknown option {key!r}")
+        if value is not None and action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"--config {path!r}: {key}: {value!r} is not a valid "
+                                 f"{action.type.__name__}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"--config {path!r}: {key}: {value!r} is not one of "
+                             f"{', '.join(map(str, action.choices))}")
+        defaults[dest] = value
+    return defaults
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and resolve. argparse itself exits with status 2 on unknown flags or bad types."""
-    return resolve(get_args_parser().parse_args(argv))
+    """Parse and resolve: built-in defaults < --config file < command line. argparse itself
+    exits with status 2 on unknown flags or bad types."""
+    parser = get_args_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config, parser))
+    return resolve(parser.parse_args(argv))

@@ -16,8 +16,8 @@ class TrainMeter:
     def update(self, loss: torch.Tensor, output: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
         correct = (output.argmax(dim=1) == labels).sum()
-        self.sums += torch.stack([loss.detach().double() * n, correct.double(),
-                                  torch.tensor(float(n), dtype=torch.float64, device=labels.device)])
+        count = torch.tensor(float(n), dtype=torch.float64, device=labels.device)
+        self.sums += torch.stack([loss.detach().double() * n, correct.double(), count])
 
     def read_and_reset(self, dist) -> dict[str, float]:
         """Sum over ranks (one allreduce) and return mean loss and top-1 in percent."""

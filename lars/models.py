@@ -1,8 +1,8 @@
 """Model construction: any torchvision classification model, plus small-image ResNet variants.
 
 `build_model("resnet50", num_classes=1000)` is torchvision's ResNet-50 with random weights (nothing
-is downloaded). The `*_small` variants (`resnet18_small`, `resnet34_small`, `resnet50_small`) replace
-the 7x7 stride-2 stem and the max-pool with a 3x3 stride-1 convolution, the usual change for
+is downloaded). The `*_small` variants (`resnet18_small`, `resnet34_small`, `resnet50_small`)
+replace the 7x7 stride-2 stem and the max-pool with a 3x3 stride-1 convolution, the usual change for
 32-64 px inputs (CIFAR, Tiny ImageNet, the bundled sample set): without it a 32 px image is 1x1
 after the stem. `tinycnn` is a four-layer network without normalisation, used by smoke tests and
 by the exactness tests of gradient accumulation (BatchNorm statistics depend on how a batch is
@@ -20,7 +20,8 @@ EXTRA_MODELS = (*SMALL_IMAGE_VARIANTS, "tinycnn")
 
 def available_models() -> list[str]:
     """Every name `build_model` accepts."""
-    return sorted(set(torchvision.models.list_models(module=torchvision.models)) | set(EXTRA_MODELS))
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(set(names) | set(EXTRA_MODELS))
 
 
 def _small_stem(model: nn.Module) -> nn.Module:
@@ -57,7 +58,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         return TinyCNN(num_classes)
     if name in SMALL_IMAGE_VARIANTS:
         base = name.removesuffix("_small")
-        return _small_stem(torchvision.models.get_model(base, weights=None, num_classes=num_classes))
+        model = torchvision.models.get_model(base, weights=None, num_classes=num_classes)
+        return _small_stem(model)
     if name not in available_models():
         raise ValueError(
             f"unknown model {name!r}; choose a torchvision classification model "

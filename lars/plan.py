@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch.nn as nn
+
 from lars.config import UsageError
+from lars.data.loaders import DataConfig
+from lars.factory import build_optimizer
+from lars.param_groups import param_groups
 from lars.schedules import epochs_to_steps, scale_lr
 
 
@@ -50,3 +55,27 @@ def plan_run(args, world_size: int, train_images: int, val_images: int) -> RunPl
 def default_log_dir(args, global_batch: int) -> str:
     """runs/<dataset>-<model>-<optimizer>-gb<global batch>: the same command resumes itself."""
     return os.path.join("runs", f"{args.dataset}-{args.model}-{args.base_op}-gb{global_batch}")
+
+
+def data_config(args, workers: int) -> DataConfig:
+    return DataConfig(
+        train_dir=args.train_dir, val_dir=args.val_dir, synthetic=args.synthetic,
+        image_size=args.image_size, min_crop_scale=args.min_crop_scale, hflip=args.hflip,
+        batch_size=args.batch_size, val_batch_size=args.val_batch_size, workers=workers,
+        seed=args.seed, strict_data=args.strict_data, dataset=args.dataset,
+        data_dir=args.data_dir, val_crop_ratio=args.val_crop_ratio)
+
+
+def make_optimizer(args, model: nn.Module, plan: RunPlan):
+    """The optimizer of --base-op over one group, or (--bn-bias-separately) the decayed and
+    adapted weights plus a group of biases and normalisation parameters without either."""
+    if args.bn_bias_separately:
+        groups = param_groups(model, args.wd)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad],
+                   "weight_decay": args.wd}]
+    optimizer = build_optimizer(
+        args.base_op, groups, lr=plan.lr, momentum=args.momentum, weight_decay=args.wd,
+        trust_coefficient=args.trust_coefficient, lmbda=args.lmbda, alpha=args.tv_alpha,
+        delay_steps=plan.tv_delay_steps, min_scale=args.tv_min_scale)
+    return optimizer, groups

@@ -42,9 +42,37 @@ class Reporter:
             # do not fold back on themselves.
             self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
+        # A live progress bar on a terminal; in SLURM logs (not a TTY) the periodic lines suffice.
+        self.live = enabled and sys.stdout.isatty()
+        self._bar_shown = False
+
     def print(self, *parts) -> None:
         if self.enabled:
+            if self._bar_shown:  # finish the bar's line first
+                print(flush=True)
+                self._bar_shown = False
             print(*parts, flush=True)
+
+    def progress(self, epoch: int, epochs: int, step: int, total: int, images_per_sec: float,
+                 eta_seconds: float) -> None:
+        """Redraw the one-line progress bar (terminal only)."""
+        if not self.live:
+            return
+        width = 30
+        filled = int(width * step / max(total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        sys.stdout.write(f"\repoch {epoch}/{epochs} [{bar}] {step}/{total} "
+                         f"{images_per_sec:.0f} img/s ETA {format_duration(eta_seconds)}   ")
+        sys.stdout.flush()
+        self._bar_shown = True
+
+    def hparams(self, hyperparameters: dict, metrics: dict) -> None:
+        """The run's settings and final metrics for TensorBoard's HParams tab."""
+        if self.writer is None:
+            return
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                 for k, v in hyperparameters.items()}
+        self.writer.add_hparams(clean, metrics, run_name=".")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -65,6 +93,11 @@ class Reporter:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def error(message: str, rank: int = 0) -> None:

@@ -23,20 +23,31 @@ from itertools import islice
 import torch
 import torch.nn as nn
 
-from lars.checkpoint import (find_resume_checkpoint, load_checkpoint, rng_states, save_checkpoint,
-                             set_rng_states)
+from lars.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from lars.config import UsageError
-from lars.data.loaders import CorruptSampleError, DataConfig, build_loaders
+from lars.data.loaders import CorruptSampleError, build_loaders
 from lars.data.sample import build_sample_dataset
 from lars.distributed import init_distributed
-from lars.factory import build_optimizer
-from lars.faults import (NONFINITE_EXIT_STATUS, REQUEUE_EXIT_STATUS, PreemptionHandler,
-                         StopAgreement, Watchdog, grads_are_finite, params_are_finite)
+from lars.faults import (
+    NONFINITE_EXIT_STATUS,
+    REQUEUE_EXIT_STATUS,
+    PreemptionHandler,
+    StopAgreement,
+    Watchdog,
+    grads_are_finite,
+    params_are_finite,
+)
 from lars.metrics import TrainMeter, evaluate
 from lars.models import build_model
-from lars.param_groups import param_group_summary, param_groups
-from lars.plan import RunPlan, default_log_dir, plan_run
-from lars.reporting import Reporter, versions
+from lars.param_groups import param_group_summary
+from lars.plan import data_config, default_log_dir, make_optimizer, plan_run
+from lars.reporting import Reporter, format_duration, versions
 from lars.schedules import build_scheduler
 
 __all__ = ["REQUEUE_EXIT_STATUS", "NONFINITE_EXIT_STATUS", "Run", "run", "optimizer_step"]
@@ -48,19 +59,6 @@ class RunStopped(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def make_optimizer(args, model: nn.Module, plan: RunPlan):
-    if args.bn_bias_separately:
-        groups = param_groups(model, args.wd)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad],
-                   "weight_decay": args.wd}]
-    optimizer = build_optimizer(
-        args.base_op, groups, lr=plan.lr, momentum=args.momentum, weight_decay=args.wd,
-        trust_coefficient=args.trust_coefficient, lmbda=args.lmbda, alpha=args.tv_alpha,
-        delay_steps=plan.tv_delay_steps, min_scale=args.tv_min_scale)
-    return optimizer, groups
 
 
 def optimizer_step(model, batches, k, loss_fn, optimizer, scheduler, dist, meter, device,
@@ -119,12 +117,7 @@ class Run:
         if args.dataset == "sample":  # built on first use; safe when all ranks start at once
             root = build_sample_dataset(quiet=dist.rank != 0)
             args.train_dir, args.val_dir = str(root / "train"), str(root / "val")
-        data_cfg = DataConfig(
-            train_dir=args.train_dir, val_dir=args.val_dir, synthetic=args.synthetic,
-            image_size=args.image_size, min_crop_scale=args.min_crop_scale, hflip=args.hflip,
-            batch_size=args.batch_size, val_batch_size=args.val_batch_size,
-            workers=args.workers, seed=args.seed, strict_data=args.strict_data,
-            dataset=args.dataset, data_dir=args.data_dir, val_crop_ratio=args.val_crop_ratio)
+        data_cfg = data_config(args, args.workers)
         try:
             self.data = build_loaders(data_cfg, dist.rank, dist.size, pin_memory=cuda)
         except (FileNotFoundError, ValueError) as error:
@@ -231,6 +224,10 @@ class Run:
             r.print(f"resumed at step {self.global_step} (epoch {self.epoch + 1}, step "
                     f"{self.global_step - self.epoch * plan.steps_per_epoch} of it)")
 
+    def eta(self, steps_per_second: float) -> float:
+        remaining = min(self.args.max_steps or self.plan.total_steps, self.plan.total_steps)
+        return (remaining - self.global_step) / max(steps_per_second, 1e-9)
+
     def log_train(self, meter: TrainMeter, images: int, seconds: float) -> None:
         stats = meter.read_and_reset(self.dist)  # every rank joins this allreduce
         if self.dist.rank != 0:
@@ -246,10 +243,12 @@ class Run:
         if phi is not None:
             values["tvlars/phi"] = float(phi)
         self.reporter.scalars(values, self.global_step)
+        eta = self.eta(values["train/images_per_sec"] / self.plan.global_batch_size)
         self.reporter.print(
             f"epoch {self.epoch + 1}/{self.args.epochs} step {self.global_step}/"
             f"{self.plan.total_steps}: loss {stats['loss']:.4f} top1 {stats['top1']:.2f}% "
-            f"lr {lr:.5g} {values['train/images_per_sec']:.1f} img/s")
+            f"lr {lr:.5g} {values['train/images_per_sec']:.1f} img/s "
+            f"ETA {format_duration(eta)}")
 
     def report_bad_files(self, where: str, paths: list[str]) -> None:
         every = [p for rank_paths in self.dist.allgather_object(paths) for p in rank_paths]
@@ -296,6 +295,7 @@ class Run:
         sampler.skip_samples = done_in_epoch * args.batches_per_allreduce * args.batch_size
         batches, bad_paths = iter(self.data.train), []
         tick, tick_step = time.perf_counter(), self.global_step
+        epoch_started, epoch_first_step = tick, tick_step
         stopped = False
         for _ in range(done_in_epoch, plan.steps_per_epoch):
             finite = optimizer_step(self.forward_model, batches, args.batches_per_allreduce,
@@ -303,6 +303,12 @@ class Run:
                                     meter, self.device, bad_paths)
             self.global_step += 1
             self.watchdog.kick()
+            if self.reporter.live:
+                elapsed = max(time.perf_counter() - epoch_started, 1e-9)
+                rate = (self.global_step - epoch_first_step) / elapsed
+                self.reporter.progress(self.epoch + 1, args.epochs, self.global_step,
+                                       plan.total_steps, rate * plan.global_batch_size,
+                                       self.eta(rate))
             self.count_step(finite)
             if self.global_step % args.log_interval == 0:
                 now = time.perf_counter()
@@ -350,6 +356,10 @@ class Run:
                     self.epoch += 1
                 self.save()
             stop.drain()
+            self.reporter.hparams(
+                {k: v for k, v in vars(args).items() if not k.startswith("_")
+                 and k not in ("log_dir", "resume", "train_dir", "val_dir", "data_dir")},
+                {"hparam/val_top1": self.final["top1"], "hparam/val_loss": self.final["loss"]})
         except CorruptSampleError as error:
             # From a DataLoader worker the message carries the worker's traceback: keep our line.
             lines = [line for line in str(error).splitlines() if "unreadable file" in line]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_script
+
 from lars.cli import main
 from lars.config import parse_args
 
@@ -100,3 +100,87 @@ def test_dataset_dependent_defaults():
     assert sample.image_size == 32
     tv = parse_args(["--base-op", "tvlars"])
     assert tv.schedule == "none" and tv.warmup_epochs == 0.0
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("base-op: lamb\nbatch_size: 16\nwarmup-epochs: 0.25\nhflip: true\n"
+                      "--schedule: cosine\n")
+    args = parse_args(["--config", str(config), "--batch-size", "8"])
+    assert (args.base_op, args.batch_size, args.warmup_epochs) == ("lamb", 8, 0.25)
+    assert args.schedule == "cosine" and args.hflip is True and args.base_lr == 0.01
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("base-op: lion\n", "lion"),
+    ("batch-sise: 3\n", "batch-sise"),
+    ("epochs: many\n", "epochs"),
+    ("- just\n- a list\n", "mapping"),
+    ("base-op: [unclosed\n", "YAML"),
+    ("batch-size: 0\n", "--batch-size"),
+])
+def test_bad_config_files_exit_2(tmp_path, capsys, text, needle):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    _fails_with_usage_error(["--config", str(config)], capsys, needle)
+
+
+def test_missing_config_file(capsys):
+    _fails_with_usage_error(["--config", "/nonexistent.yaml"], capsys, "--config")
+
+
+def test_resolved_configuration_from_a_file_is_saved(tmp_path):
+    import json
+
+    config = tmp_path / "run.yaml"
+    config.write_text("base_op: sgd\nmodel: tinycnn\nmax-steps: 2\nworkers: 0\n")
+    result = run_script(["--config", config, "--log-dir", tmp_path / "run", "--base-lr", "0.05"])
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["args"]["base_op"] == "sgd" and saved["args"]["base_lr"] == 0.05
+    assert saved["plan"]["lr"] == 0.05
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    status = main(["--dry-run", "--ranks", "8", "--batch-size", "4", "--batches-per-allreduce",
+                   "2", "--lr-scaling", "linear", "--base-lr", "0.1", "--epochs", "10",
+                   "--warmup-epochs", "2", "--log-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert status == 0
+    # 1438 images / 8 ranks -> 180 per rank -> 45 micro-batches -> 22 steps per epoch
+    assert "global batch       64 = 4 per micro-batch x 8 ranks x 2" in out
+    assert "learning rate      0.025 = linear scaling of base 0.1" in out
+    assert "22 per epoch x 10 epochs = 220; warm-up 44 steps" in out
+    assert "lr at step       44 (epoch    2.00): 0.025" in out
+    assert "lr at step       22 (epoch    1.00): 0.0125" in out
+    assert "param group 0:" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SCRIPT
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--model", "tinycnn", "--max-steps", "12", "--workers",
+         "0", "--log-dir", str(tmp_path / "run")],
+        cwd=ROOT, stdout=terminal, stderr=subprocess.DEVNULL)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=120)
+    text = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0
+    assert "\repoch 1/4 [" in text and "12/176" in text and "ETA" in text

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import MPIRUN, ROOT, SCRIPT, check_ok, require_distributed, run_script
+
 from lars.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lars.faults import NONFINITE_EXIT_STATUS, REQUEUE_EXIT_STATUS
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, check_ok, require_distributed, run_script
+
 from lars.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -45,6 +45,11 @@ def test_two_ranks_write_tensorboard_and_config_and_learn(tmp_path):
     losses = [value for _, value in scalars["train/loss"]]
     assert losses[-1] < 0.8 * losses[0], losses
     assert scalars["val/top1"][-1][1] > 30.0  # 10 classes: chance is 10%
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert events.PluginTagToContent("hparams")  # the HParams tab: settings + final metrics
     config = json.loads((log_dir / "config.json").read_text())
     assert config["plan"]["world_size"] == 2 and config["plan"]["global_batch_size"] == 32
     assert config["plan"]["steps_per_epoch"] == 1438 // 2 // 16
@@ -108,11 +113,12 @@ def test_validation_metrics_are_whole_set_metrics(tmp_path, sample_root):
     payload, _ = _final_params(log_dir)
     reported = payload["final"]
 
+    from torchvision.datasets import ImageFolder
+
     from lars.data.loaders import collate_skipping_bad, val_transform
     from lars.distributed import LocalBackend
     from lars.metrics import evaluate
     from lars.models import build_model
-    from torchvision.datasets import ImageFolder
 
     model = build_model("tinycnn", 10)
     model.load_state_dict(payload["model"])

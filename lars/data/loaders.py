@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
@@ -76,8 +76,9 @@ class RobustDataset(Dataset):
             path = sample_path(self.base, index)
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             if self.strict:
-                raise CorruptSampleError(f"unreadable file {path}: {message} "
-                                         "(remove it, or drop --strict-data to skip such files)")
+                raise CorruptSampleError(
+                    f"unreadable file {path}: {message} "
+                    "(remove it, or drop --strict-data to skip such files)") from None
             return BadSample(path, message)
 
 
