@@ -121,6 +121,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     h.add_argument("--fp16-allreduce", action="store_true", help="compress gradients to fp16")
     h.add_argument("--use-adasum", action="store_true", help="Adasum instead of averaging")
     h.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")
+    h.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision: bf16, or fp16 with a gradient scaler (default: none)")
+    h.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory format (default: on with CUDA, off on the CPU)")
+    h.add_argument("--compile", action="store_true", help="torch.compile the model")
+    h.add_argument("--clip-grad-norm", type=float,
+                   help="clip the averaged gradients to this global L2 norm (default: off)")
     h.add_argument("--threads", type=int,
                    help="torch CPU threads per rank (default: CPU cores / ranks on the node)")
 
@@ -208,6 +215,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.base_lr = DEFAULT_BASE_LR[args.base_op]
     if args.schedule is None:
         args.schedule = "none" if args.base_op == "tvlars" else "poly"
+    if args.channels_last is None:
+        import torch
+
+        args.channels_last = torch.cuda.is_available() and not args.no_cuda
     if args.max_nonfinite is None:
         args.max_nonfinite = 1 if args.nonfinite == "abort" else 20
     if args.lr_power is None:
@@ -219,7 +230,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("epochs", "batch_size", "val_batch_size", "batches_per_allreduce", "image_size",
                  "lr_reference_batch", "log_interval", "keep_checkpoints", "max_steps",
                  "threads", "checkpoint_every_steps", "max_nonfinite", "stall_timeout",
-                 "ranks"):
+                 "ranks", "clip_grad_norm"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     for flag in ("base_lr", "wd", "warmup_epochs", "end_lr", "tv_delay_epochs", "tv_min_scale",
                  "lmbda", "workers"):

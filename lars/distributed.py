@@ -98,6 +98,10 @@ class LocalBackend:
     def step(self, optimizer) -> None:
         optimizer.step()
 
+    def skip_synchronize(self, optimizer):
+        """Context in which optimizer.step() does not synchronise again (GradScaler.step)."""
+        return nullcontext()
+
     def shutdown(self) -> None:
         pass
 
@@ -125,17 +129,25 @@ class HorovodBackend(LocalBackend):
     def wrap_optimizer(self, optimizer, model, batches_per_allreduce, fp16_allreduce, adasum):
         hvd = self.hvd
         self.adasum = adasum
+        compression = hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none
         return hvd.DistributedOptimizer(
             optimizer,
             named_parameters=model.named_parameters(),
-            compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
+            compression=_Contiguous(compression),
             op=hvd.Adasum if adasum else hvd.Average,
             backward_passes_per_step=batches_per_allreduce,
         )
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         # Parameters and buffers (BatchNorm running statistics) start equal on every rank.
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # Horovod takes contiguous tensors only; channels_last weights travel as copies.
+        state = model.state_dict()
+        dense = {name: t if t.is_contiguous() else t.contiguous() for name, t in state.items()}
+        self.hvd.broadcast_parameters(dense, root_rank=0)
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if dense[name] is not tensor:
+                    tensor.copy_(dense[name])
 
     def broadcast_object(self, obj, name: str = "lars.object"):
         # An explicit name: Horovod's default is the object's type, which differs between the
@@ -176,8 +188,25 @@ class HorovodBackend(LocalBackend):
         with optimizer.skip_synchronize():
             optimizer.step()
 
+    def skip_synchronize(self, optimizer):
+        return nullcontext() if self.adasum else optimizer.skip_synchronize()
+
     def shutdown(self) -> None:
         self.hvd.shutdown()
+
+
+class _Contiguous:
+    """A Horovod compressor that hands Horovod contiguous gradients (it rejects others, and a
+    channels_last convolution's gradient is not contiguous in the default sense)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def compress(self, tensor: torch.Tensor):
+        return self.inner.compress(tensor.contiguous())
+
+    def decompress(self, tensor: torch.Tensor, ctx):
+        return self.inner.decompress(tensor, ctx)
 
 
 def _free_port() -> int:

@@ -29,7 +29,8 @@ class TrainMeter:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, dist, device: torch.device,
-             progress=lambda: None) -> dict[str, float]:
+             progress=lambda: None, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> dict[str, float]:
     """Whole-set loss (plain cross-entropy), top-1 and top-5 in percent.
 
     Each rank counts over its shard (disjoint, unpadded); one allreduce sums the counts.
@@ -44,7 +45,11 @@ def evaluate(model: torch.nn.Module, loader, dist, device: torch.device,
             continue
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        output = model(images)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            output = model(images).float()
         k = min(5, output.shape[1])
         hits = output.topk(k, dim=1).indices.eq(labels[:, None])
         sums += torch.stack([

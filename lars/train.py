@@ -2,7 +2,8 @@
 
 `run(args)` trains with the resolved configuration of `lars.config`; every rank runs it and the
 distributed runtime sits behind `lars.distributed`. One optimizer step consumes k =
-`--batches-per-allreduce` micro-batches (`optimizer_step` is the one place that orders a step).
+`--batches-per-allreduce` micro-batches (`lars.step.optimizer_step` is the one place that
+orders a step).
 Each epoch runs `steps_per_epoch` whole optimizer steps (see `lars.plan`), so Horovod always sees
 exactly k backward passes per step (horovod#2466).
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
-from itertools import islice
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,6 @@ from lars.faults import (
     PreemptionHandler,
     StopAgreement,
     Watchdog,
-    grads_are_finite,
     params_are_finite,
 )
 from lars.metrics import TrainMeter, evaluate
@@ -49,6 +48,7 @@ from lars.param_groups import param_group_summary
 from lars.plan import data_config, default_log_dir, make_optimizer, plan_run
 from lars.reporting import Reporter, format_duration, versions
 from lars.schedules import build_scheduler
+from lars.step import StepContext, optimizer_step
 
 __all__ = ["REQUEUE_EXIT_STATUS", "NONFINITE_EXIT_STATUS", "Run", "run", "optimizer_step"]
 
@@ -59,34 +59,6 @@ class RunStopped(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def optimizer_step(model, batches, k, loss_fn, optimizer, scheduler, dist, meter, device,
-                   bad_paths: list) -> bool:
-    """One optimizer step over k micro-batches, in the one order that is correct with Horovod:
-    forward, loss / k, backward (k times; Horovod allreduces during the k-th backward);
-    synchronise; check the averaged gradients are finite; step without a second
-    synchronisation; schedule; zero_grad. Returns False when the step was skipped."""
-    for i, (images, labels, bad) in enumerate(islice(batches, k)):
-        bad_paths += bad
-        with dist.micro_batch(model, last=i == k - 1):  # DDP: no_sync() but for the last
-            if images is None:  # every file of this micro-batch was unreadable: Horovod still
-                loss = sum(p.sum() for p in model.parameters()) * 0.0  # needs k backward passes
-                loss.backward()
-                continue
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            output = model(images)
-            loss = loss_fn(output, labels)
-            (loss / k).backward()
-        meter.update(loss, output, labels)
-    dist.synchronize(optimizer)
-    finite = dist.all_finite(grads_are_finite(optimizer))  # the same verdict on every rank
-    if finite:
-        dist.step(optimizer)
-    scheduler.step()
-    optimizer.zero_grad()  # torch >= 2 sets grads to None (Horovod's wrapper takes no flag)
-    return finite
 
 
 class Run:
@@ -126,6 +98,10 @@ class Run:
         args.log_dir = args.log_dir or default_log_dir(args, plan.global_batch_size)
 
         self.model = build_model(args.model, self.data.num_classes).to(self.device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        self.scaler = (torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None)
         optimizer, self.groups = make_optimizer(args, self.model, plan)
         # Horovod rebuilds the optimizer as Cls(param_groups): wrap before loading any state.
         try:
@@ -144,7 +120,15 @@ class Run:
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         resumed = self._resume()
         dist.broadcast_model(self.model)
-        self.forward_model = dist.wrap_model(self.model)  # DDP under --backend torch
+        forward_model = dist.wrap_model(self.model)  # DDP under --backend torch
+        if args.compile:
+            forward_model = torch.compile(forward_model)
+        self.step_ctx = StepContext(
+            model=forward_model, loss_fn=self.loss_fn, optimizer=self.optimizer,
+            scheduler=self.scheduler, dist=dist, device=self.device,
+            batches_per_allreduce=args.batches_per_allreduce, amp_dtype=self.amp_dtype,
+            scaler=self.scaler, channels_last=args.channels_last,
+            clip_grad_norm=args.clip_grad_norm)
         # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
         self.reporter = Reporter(args.log_dir, enabled=dist.rank == 0,
                                  purge_step=self.global_step + 1 if resumed else None)
@@ -177,6 +161,8 @@ class Run:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
         self.epoch, self.global_step = payload["epoch"], payload["global_step"]
         self.final = payload.get("final")
         self.nonfinite_total = payload.get("nonfinite_steps", 0)
@@ -193,6 +179,7 @@ class Run:
             return
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                   "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                    "global_step": self.global_step,
                    "step_in_epoch": self.global_step - self.epoch * self.plan.steps_per_epoch,
                    "global_batch_size": self.plan.global_batch_size, "final": self.final,
@@ -259,7 +246,8 @@ class Run:
 
     def validate(self) -> dict[str, float]:
         metrics = evaluate(self.model, self.data.val, self.dist, self.device,
-                           progress=self.watchdog.kick)
+                           progress=self.watchdog.kick, amp_dtype=self.amp_dtype,
+                           channels_last=self.args.channels_last)
         self.report_bad_files("validation", metrics.pop("bad_paths"))
         self.reporter.scalars({f"val/{k}": metrics[k] for k in ("loss", "top1", "top5")},
                               self.global_step)
@@ -298,9 +286,7 @@ class Run:
         epoch_started, epoch_first_step = tick, tick_step
         stopped = False
         for _ in range(done_in_epoch, plan.steps_per_epoch):
-            finite = optimizer_step(self.forward_model, batches, args.batches_per_allreduce,
-                                    self.loss_fn, self.optimizer, self.scheduler, self.dist,
-                                    meter, self.device, bad_paths)
+            finite = optimizer_step(self.step_ctx, batches, meter, bad_paths)
             self.global_step += 1
             self.watchdog.kick()
             if self.reporter.live:

@@ -131,9 +131,22 @@ def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Antialiased bilinear resize of uint8 (3, h, w) pixels, PIL's BILINEAR filter."""
     if tuple(pixels.shape[-2:]) == (height, width):
         return pixels
-    resized = F.interpolate(pixels.unsqueeze(0), size=(height, width), mode="bilinear",
-                            antialias=True, align_corners=False)
+    # torch's vectorised uint8 kernel wants dense channels-last input; a crop is a strided view
+    # of the decoded image, and copying it first is 1.5-3x faster than resizing the view.
+    batch = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    resized = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True,
+                            align_corners=False)
     return resized.squeeze(0)
+
+
+def _dense_chw(pixels: torch.Tensor, flip: bool) -> torch.Tensor:
+    """A contiguous (3, h, w) copy of channels-last pixels, mirrored left-right if `flip`.
+
+    numpy does this transposing copy about 3x faster than torch's uint8 `.contiguous()`, and
+    takes the flip as a negative stride in the same pass.
+    """
+    array = pixels.numpy()
+    return torch.from_numpy(np.ascontiguousarray(array[:, :, ::-1] if flip else array))
 
 
 def _span(start: float, length: float, scale: float, limit: int) -> slice:
@@ -166,9 +179,8 @@ class TrainCrop:
         rows = _span(top, height, scale, pixels.shape[1])
         cols = _span(left, width, scale, pixels.shape[2])
         crop = _resize(pixels[:, rows, cols], self.size, self.size)
-        if self.hflip_p > 0 and torch.rand(1) < self.hflip_p:
-            crop = crop.flip(-1)
-        return crop.contiguous()
+        flip = self.hflip_p > 0 and bool(torch.rand(1) < self.hflip_p)
+        return _dense_chw(crop, flip)
 
     def __repr__(self) -> str:
         return (f"TrainCrop(size={self.size}, scale={tuple(self.scale)}, "
@@ -200,7 +212,7 @@ class ValCrop:
         resized = _resize(pixels, new_height, new_width)
         top = int(round((new_height - self.size) / 2.0))
         left = int(round((new_width - self.size) / 2.0))
-        return resized[:, top:top + self.size, left:left + self.size].contiguous()
+        return _dense_chw(resized[:, top:top + self.size, left:left + self.size], flip=False)
 
     def __repr__(self) -> str:
         return f"ValCrop(size={self.size}, resize_to={self.resize_to})"
@@ -244,6 +256,8 @@ def normalize_batch(images: torch.Tensor, device: torch.device | str, channels_l
     normalised in place as x * (1 / (255 std)) - mean / std (on the CPU a float conversion plus
     two in-place passes is about 3x faster than one mixed-dtype addcmul).
     """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_batch expects a uint8 batch, got {images.dtype}")
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
