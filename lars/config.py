@@ -63,6 +63,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="RandomResizedCrop's smallest area fraction (0.08; sample set: 0.35)")
     d.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips (on; off for the sample set's digits)")
+    d.add_argument("--fast-jpeg", action=argparse.BooleanOptionalAction, default=True,
+                   help="ImageFolder JPEGs through the fast pipeline (crop box from the header, "
+                   "reduced-size decode, uint8 to the device); --no-fast-jpeg: torchvision's "
+                   "transforms (default: on)")
     d.add_argument("--workers", type=int,
                    help="data-loading processes per rank (default: CPU cores per rank - 1)")
 

@@ -42,13 +42,19 @@ def _first_int(names, default: int) -> int:
     return default
 
 
+def _torchrun() -> bool:
+    # torchrun's variables win: a process started by torchrun may inherit MPI variables from
+    # its parent (a singleton MPI_Init there sets OMPI_COMM_WORLD_*), and those would be wrong.
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def launched_rank() -> int:
     """This process's rank as the launcher set it (0 if none): usable before any init."""
-    return _first_int(_RANK_VARIABLES, 0)
+    return _first_int(("RANK",) if _torchrun() else _RANK_VARIABLES, 0)
 
 
 def launched_size() -> int:
-    return _first_int(_SIZE_VARIABLES, 1)
+    return _first_int(("WORLD_SIZE",) if _torchrun() else _SIZE_VARIABLES, 1)
 
 
 class LocalBackend:
@@ -225,8 +231,10 @@ class TorchBackend(LocalBackend):
 
         self.dist = dist
         self.rank, self.size = launched_rank(), launched_size()
-        self.local_rank = _first_int(_LOCAL_RANK_VARIABLES, 0)
-        self.local_size = _first_int(_LOCAL_SIZE_VARIABLES, 1)
+        torchrun = _torchrun()
+        self.local_rank = _first_int(("LOCAL_RANK",) if torchrun else _LOCAL_RANK_VARIABLES, 0)
+        self.local_size = _first_int(("LOCAL_WORLD_SIZE",) if torchrun
+                                     else _LOCAL_SIZE_VARIABLES, 1)
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = self._rendezvous()
         os.environ.setdefault("MASTER_PORT", "29500")

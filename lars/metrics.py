@@ -30,7 +30,7 @@ class TrainMeter:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, dist, device: torch.device,
              progress=lambda: None, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> dict[str, float]:
+             channels_last: bool = False, prepare=None) -> dict[str, float]:
     """Whole-set loss (plain cross-entropy), top-1 and top-5 in percent.
 
     Each rank counts over its shard (disjoint, unpadded); one allreduce sums the counts.
@@ -45,6 +45,8 @@ def evaluate(model: torch.nn.Module, loader, dist, device: torch.device,
             continue
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        if prepare is not None:
+            images = prepare(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,

@@ -63,7 +63,7 @@ def data_config(args, workers: int) -> DataConfig:
         image_size=args.image_size, min_crop_scale=args.min_crop_scale, hflip=args.hflip,
         batch_size=args.batch_size, val_batch_size=args.val_batch_size, workers=workers,
         seed=args.seed, strict_data=args.strict_data, dataset=args.dataset,
-        data_dir=args.data_dir, val_crop_ratio=args.val_crop_ratio)
+        data_dir=args.data_dir, val_crop_ratio=args.val_crop_ratio, fast_jpeg=args.fast_jpeg)
 
 
 def make_optimizer(args, model: nn.Module, plan: RunPlan):

@@ -16,6 +16,7 @@ are skipped and counted.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict
@@ -31,9 +32,10 @@ from lars.checkpoint import (
     set_rng_states,
 )
 from lars.config import UsageError
-from lars.data.loaders import CorruptSampleError, build_loaders
+from lars.data.fast import default_workers_per_rank, normalize_batch
+from lars.data.loaders import CorruptSampleError, build_datasets, build_loaders
 from lars.data.sample import build_sample_dataset
-from lars.distributed import init_distributed
+from lars.distributed import init_distributed, launched_rank
 from lars.faults import (
     NONFINITE_EXIT_STATUS,
     REQUEUE_EXIT_STATUS,
@@ -69,6 +71,15 @@ class Run:
         # Installed first, so a preemption signal during start-up is not lost.
         self.preemption = PreemptionHandler().install()
         cuda = torch.cuda.is_available() and not args.no_cuda
+        # The data is checked before the distributed runtime starts: bad input costs nothing.
+        if args.dataset == "sample":  # built on first use; safe when all ranks start at once
+            root = build_sample_dataset(quiet=launched_rank() != 0)
+            args.train_dir, args.val_dir = str(root / "train"), str(root / "val")
+        data_cfg = data_config(args, args.workers)
+        try:
+            found = build_datasets(data_cfg)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from None
         try:
             self.dist = dist = init_distributed(args.backend, cuda, args.stall_timeout)
         except RuntimeError as error:
@@ -76,7 +87,8 @@ class Run:
         cores = os.cpu_count() or 1
         torch.set_num_threads(args.threads or max(1, cores // dist.local_size))
         if args.workers is None:
-            args.workers = max(0, min(8, cores // dist.local_size - 1))
+            args.workers = default_workers_per_rank(dist.local_size)
+        data_cfg.workers = args.workers
         if cuda:
             torch.cuda.set_device(dist.local_rank)
             torch.backends.cudnn.benchmark = not args.deterministic
@@ -86,14 +98,8 @@ class Run:
         self.device = torch.device("cuda" if cuda else "cpu")
         torch.manual_seed(args.seed)
 
-        if args.dataset == "sample":  # built on first use; safe when all ranks start at once
-            root = build_sample_dataset(quiet=dist.rank != 0)
-            args.train_dir, args.val_dir = str(root / "train"), str(root / "val")
-        data_cfg = data_config(args, args.workers)
-        try:
-            self.data = build_loaders(data_cfg, dist.rank, dist.size, pin_memory=cuda)
-        except (FileNotFoundError, ValueError) as error:
-            raise UsageError(str(error)) from None
+        self.data = build_loaders(data_cfg, dist.rank, dist.size, pin_memory=cuda,
+                                  datasets_=found)
         self.plan = plan = plan_run(args, dist.size, self.data.train_size, self.data.val_size)
         args.log_dir = args.log_dir or default_log_dir(args, plan.global_batch_size)
 
@@ -120,6 +126,9 @@ class Run:
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         resumed = self._resume()
         dist.broadcast_model(self.model)
+        # uint8 batches from the fast pipeline are normalised once per batch, on the device.
+        self.prepare = (functools.partial(normalize_batch, device=self.device)
+                        if self.data.uint8 else None)
         forward_model = dist.wrap_model(self.model)  # DDP under --backend torch
         if args.compile:
             forward_model = torch.compile(forward_model)
@@ -128,7 +137,7 @@ class Run:
             scheduler=self.scheduler, dist=dist, device=self.device,
             batches_per_allreduce=args.batches_per_allreduce, amp_dtype=self.amp_dtype,
             scaler=self.scaler, channels_last=args.channels_last,
-            clip_grad_norm=args.clip_grad_norm)
+            clip_grad_norm=args.clip_grad_norm, prepare=self.prepare)
         # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
         self.reporter = Reporter(args.log_dir, enabled=dist.rank == 0,
                                  purge_step=self.global_step + 1 if resumed else None)
@@ -247,6 +256,7 @@ class Run:
     def validate(self) -> dict[str, float]:
         metrics = evaluate(self.model, self.data.val, self.dist, self.device,
                            progress=self.watchdog.kick, amp_dtype=self.amp_dtype,
+                           prepare=self.prepare,
                            channels_last=self.args.channels_last)
         self.report_bad_files("validation", metrics.pop("bad_paths"))
         self.reporter.scalars({f"val/{k}": metrics[k] for k in ("loss", "top1", "top5")},

@@ -52,3 +52,14 @@ def sample_root():
     from lars.data.sample import build_sample_dataset
 
     return build_sample_dataset(quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def no_distributed_runtime_in_the_test_process():
+    """In-process tests must not start Horovod: its singleton MPI_Init would export
+    OMPI_COMM_WORLD_* into this process and every subprocess the suite starts later."""
+    yield
+    if "horovod.torch" in sys.modules:
+        import horovod.torch as hvd
+
+        assert not hvd.is_initialized(), "a test initialised Horovod inside pytest"

@@ -387,8 +387,10 @@ def test_real_training_checkpoints_on_sigusr1_is_requeued_and_resumes(cluster):
     assert again.returncode == 0, again.stdout + again.stderr
     assert cluster.args("scontrol") is None
     assert newest_checkpoint_step(log_dir) == stopped_at + 3
-    (new_events,) = set(log_dir.glob("events.out.tfevents.*")) - first_events
-    accumulator = EventAccumulator(str(new_events))
-    accumulator.Reload()
-    resumed_steps = [event.step for event in accumulator.Scalars("train/loss")]
+    resumed_steps = []
+    for new_events in set(log_dir.glob("events.out.tfevents.*")) - first_events:
+        accumulator = EventAccumulator(str(new_events))  # the scalars, and the hparams file
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            resumed_steps += [event.step for event in accumulator.Scalars("train/loss")]
     assert min(resumed_steps) == stopped_at + 1, resumed_steps

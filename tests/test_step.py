@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import check_ok, require_distributed, run_script
+
 from lars.checkpoint import list_checkpoints, load_checkpoint
 from lars.models import build_model
 

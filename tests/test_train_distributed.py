@@ -113,18 +113,19 @@ def test_validation_metrics_are_whole_set_metrics(tmp_path, sample_root):
     payload, _ = _final_params(log_dir)
     reported = payload["final"]
 
-    from torchvision.datasets import ImageFolder
 
-    from lars.data.loaders import collate_skipping_bad, val_transform
+    from lars.data.fast import FastImageFolder, normalize_batch
+    from lars.data.loaders import collate_skipping_bad
     from lars.distributed import LocalBackend
     from lars.metrics import evaluate
     from lars.models import build_model
 
     model = build_model("tinycnn", 10)
     model.load_state_dict(payload["model"])
-    val = ImageFolder(sample_root / "val", transform=val_transform(32, 1.0))
+    val = FastImageFolder(str(sample_root / "val"), train=False, image_size=32, crop_ratio=1.0)
     loader = torch.utils.data.DataLoader(val, batch_size=359, collate_fn=collate_skipping_bad)
-    expected = evaluate(model, loader, LocalBackend(), torch.device("cpu"))
+    expected = evaluate(model, loader, LocalBackend(), torch.device("cpu"),
+                        prepare=lambda x: normalize_batch(x, "cpu"))
     assert reported["samples"] == expected["samples"] == 359
     for key in ("top1", "top5", "loss"):
         assert reported[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-4), key
@@ -163,10 +164,10 @@ def test_torch_backend_matches_horovod_and_runs_under_torchrun(tmp_path):
                               np=2))
     assert "2 rank(s) (torch, cpu)" in out
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    result = subprocess.run([torchrun, "--nproc-per-node", "2", str(ROOT / "pytorch_imagenet_resnet.py"),
-                             *map(str, common), "--backend", "torch", "--log-dir",
-                             str(tmp_path / "torchrun")], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    script = str(ROOT / "pytorch_imagenet_resnet.py")
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", script, *map(str, common),
+                             "--backend", "torch", "--log-dir", str(tmp_path / "torchrun")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     check_ok(result)
     _, hvd = _final_params(tmp_path / "hvd")
     for other in ("ddp", "torchrun"):

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from itertools import islice
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
 from lars.data.archives import ARCHIVE_DATASETS, build_archive_datasets
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from lars.data.fast import IMAGENET_MEAN, IMAGENET_STD, FastImageFolder, loader_settings
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -35,7 +34,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 # What reading an unreadable, truncated or non-image file raises (PIL, torchvision, the OS).
-READ_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
+READ_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
 
 
 class CorruptSampleError(Exception):
@@ -171,6 +170,7 @@ class DataConfig:
     workers: int
     seed: int
     strict_data: bool = False
+    fast_jpeg: bool = True  # ImageFolder data through lars.data.fast (uint8 out)
     dataset: str = "imagefolder"  # or sample, synthetic, or one of ARCHIVE_DATASETS
     data_dir: str | None = None
     val_crop_ratio: float = 0.875
@@ -187,12 +187,15 @@ class Loaders:
     classes: list[str]
     train_size: int
     val_size: int
+    uint8: bool  # batches hold uint8 images for normalize_batch on the device
 
 
-def _image_folder(root: str, transform, role: str) -> datasets.ImageFolder:
+def _image_folder(root: str, transform, role: str, fast: dict | None = None):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--{role}-dir {root!r} is not a directory")
     try:
+        if fast is not None:
+            return FastImageFolder(root, **fast)
         return datasets.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as error:
         raise FileNotFoundError(f"--{role}-dir {root!r}: {error}") from None
@@ -209,8 +212,15 @@ def build_datasets(cfg: DataConfig):
     val_tf = val_transform(cfg.image_size, cfg.val_crop_ratio)
     if cfg.dataset in ARCHIVE_DATASETS:
         return build_archive_datasets(cfg.dataset, cfg.data_dir, train_tf, val_tf)
-    train = _image_folder(cfg.train_dir, train_tf, "train")
-    val = _image_folder(cfg.val_dir, val_tf, "val")
+    if cfg.fast_jpeg:  # uint8 crops, normalised on the device by normalize_batch
+        train = _image_folder(cfg.train_dir, None, "train", fast=dict(
+            train=True, image_size=cfg.image_size, min_crop_scale=cfg.min_crop_scale,
+            hflip=cfg.hflip))
+        val = _image_folder(cfg.val_dir, None, "val", fast=dict(
+            train=False, image_size=cfg.image_size, crop_ratio=cfg.val_crop_ratio))
+    else:
+        train = _image_folder(cfg.train_dir, train_tf, "train")
+        val = _image_folder(cfg.val_dir, val_tf, "val")
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))[:5]
         only_val = sorted(set(val.classes) - set(train.classes))[:5]
@@ -221,12 +231,13 @@ def build_datasets(cfg: DataConfig):
     return train, val, train.classes
 
 
-def build_loaders(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> Loaders:
-    train, val, classes = build_datasets(cfg)
+def build_loaders(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool,
+                  datasets_=None) -> Loaders:
+    """Loaders over `datasets_` (train, val, classes), or over `build_datasets(cfg)`."""
+    train, val, classes = datasets_ if datasets_ is not None else build_datasets(cfg)
     train_sampler = EpochTaggedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
                                        seed=cfg.seed)
-    common = dict(num_workers=cfg.workers, pin_memory=pin_memory,
-                  persistent_workers=cfg.workers > 0, collate_fn=collate_skipping_bad)
+    common = dict(**loader_settings(cfg.workers, pin_memory), collate_fn=collate_skipping_bad)
     train_loader = DataLoader(RobustDataset(train, cfg.seed, cfg.strict_data),
                               batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True,
                               **common)
@@ -234,4 +245,4 @@ def build_loaders(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool)
                             batch_size=cfg.val_batch_size,
                             sampler=ShardSampler(len(val), rank, world_size), **common)
     return Loaders(train_loader, val_loader, train_sampler, len(classes), classes,
-                   len(train), len(val))
+                   len(train), len(val), uint8=isinstance(train, FastImageFolder))
