@@ -151,6 +151,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(default: runs/<dataset>-<model>-<optimizer>-gb<global batch>)")
     r.add_argument("--log-interval", type=int, default=10,
                    help="optimizer steps between train logs (default: 10)")
+    r.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
+                   help="bar: a live progress bar; log: periodic lines only; auto: the bar on "
+                   "a terminal outside mpirun/srun (default: auto)")
     r.add_argument("--resume", default="auto",
                    help="auto (newest checkpoint in --log-dir), none, or a checkpoint path")
     r.add_argument("--keep-checkpoints", type=int, default=3,

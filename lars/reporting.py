@@ -30,7 +30,8 @@ def versions() -> dict[str, str]:
 class Reporter:
     """Console and TensorBoard output of rank 0."""
 
-    def __init__(self, log_dir: str, enabled: bool, purge_step: int | None = None) -> None:
+    def __init__(self, log_dir: str, enabled: bool, purge_step: int | None = None,
+                 progress: str = "auto") -> None:
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self.writer = None
@@ -42,8 +43,13 @@ class Reporter:
             # do not fold back on themselves.
             self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
-        # A live progress bar on a terminal; in SLURM logs (not a TTY) the periodic lines suffice.
-        self.live = enabled and sys.stdout.isatty()
+        # A live progress bar on a terminal; in log files the periodic lines suffice. Under
+        # mpirun or srun a rank's stdout is a pseudo-terminal even when the job's output goes to
+        # a file, so "auto" shows the bar only to a process that no MPI launcher started.
+        under_launcher = any(v in os.environ for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK",
+                                                         "PMIX_RANK", "SLURM_PROCID"))
+        self.live = enabled and (progress == "bar" or (
+            progress == "auto" and sys.stdout.isatty() and not under_launcher))
         self._bar_shown = False
 
     def print(self, *parts) -> None:

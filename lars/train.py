@@ -140,7 +140,8 @@ class Run:
             clip_grad_norm=args.clip_grad_norm, prepare=self.prepare)
         # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
         self.reporter = Reporter(args.log_dir, enabled=dist.rank == 0,
-                                 purge_step=self.global_step + 1 if resumed else None)
+                                 purge_step=self.global_step + 1 if resumed else None,
+                                 progress=args.progress)
         self.watchdog = Watchdog(args.stall_timeout,
                                  lambda: f"on rank {dist.rank} at step {self.global_step}")
 

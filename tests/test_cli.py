@@ -184,3 +184,14 @@ def test_progress_bar_on_a_terminal(tmp_path):
     text = b"".join(chunks).decode(errors="replace")
     assert process.returncode == 0
     assert "\repoch 1/4 [" in text and "12/176" in text and "ETA" in text
+
+
+def test_no_progress_bar_under_mpirun_or_in_a_log(tmp_path):
+    """Under mpirun a rank's stdout is a pseudo-terminal even when the job writes to a file."""
+    from conftest import require_distributed
+
+    require_distributed()
+    out = run_script(["--model", "tinycnn", "--max-steps", "3", "--workers", "0",
+                      "--log-interval", "1", "--log-dir", tmp_path / "run"], np=2)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stdout and "step 3/" in out.stdout
