@@ -10,7 +10,7 @@ from lars.data.sample import build_sample_dataset
 from lars.distributed import launched_rank, launched_size
 from lars.models import build_model
 from lars.param_groups import param_group_summary
-from lars.plan import data_config, make_optimizer, plan_run
+from lars.plan import data_config, make_optimizer, plan_run, step_milestones
 from lars.schedules import lr_at
 
 
@@ -31,7 +31,7 @@ def dry_run(args) -> dict:
     points = sorted({0, warm // 2, warm, total // 4, total // 2, 3 * total // 4, total - 1})
     schedule = {step: lr_at(step, schedule=args.schedule, base_lr=plan.lr, total_steps=total,
                             warmup_steps=warm, end_lr=args.end_lr, power=args.lr_power,
-                            milestones=[plan.steps_per_epoch * e for e in (30, 60, 80)])
+                            milestones=step_milestones(plan))
                 for step in points}
     if launched_rank() != 0:
         return {"plan": plan, "lr": schedule}

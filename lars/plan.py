@@ -11,7 +11,7 @@ from lars.config import UsageError
 from lars.data.loaders import DataConfig
 from lars.factory import build_optimizer
 from lars.param_groups import param_groups
-from lars.schedules import epochs_to_steps, scale_lr
+from lars.schedules import STEP_DECAY_EPOCHS, epochs_to_steps, scale_lr
 
 
 @dataclass
@@ -50,6 +50,11 @@ def plan_run(args, world_size: int, train_images: int, val_images: int) -> RunPl
         steps_per_epoch=steps, total_steps=steps * args.epochs,
         warmup_steps=epochs_to_steps(args.warmup_epochs, steps),
         tv_delay_steps=epochs_to_steps(args.tv_delay_epochs, steps))
+
+
+def step_milestones(plan: RunPlan) -> list[int]:
+    """The step schedule's decay points (epochs 30/60/80 of Goyal et al.) in optimizer steps."""
+    return [plan.steps_per_epoch * epoch for epoch in STEP_DECAY_EPOCHS]
 
 
 def default_log_dir(args, global_batch: int) -> str:

@@ -47,7 +47,7 @@ from lars.faults import (
 from lars.metrics import TrainMeter, evaluate
 from lars.models import build_model
 from lars.param_groups import param_group_summary
-from lars.plan import data_config, default_log_dir, make_optimizer, plan_run
+from lars.plan import data_config, default_log_dir, make_optimizer, plan_run, step_milestones
 from lars.reporting import Reporter, format_duration, versions
 from lars.schedules import build_scheduler
 from lars.step import StepContext, optimizer_step
@@ -119,7 +119,7 @@ class Run:
         self.scheduler = build_scheduler(
             self.optimizer, schedule=args.schedule, total_steps=plan.total_steps,
             warmup_steps=plan.warmup_steps, end_lr=args.end_lr, power=args.lr_power,
-            milestones=[plan.steps_per_epoch * e for e in (30, 60, 80)])
+            milestones=step_milestones(plan))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.epoch, self.global_step, self.final = 0, 0, None
