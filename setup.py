@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "horovod": ["horovod==0.28.1", "mpi4py"],
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["lars-train=lars.cli:main"]},
 )

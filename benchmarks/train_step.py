@@ -60,9 +60,15 @@ def our_steps(model, optimizer, images, labels, steps: int, k: int = 1) -> float
     from lars.step import StepContext, optimizer_step
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    ctx = StepContext(model=model, loss_fn=nn.CrossEntropyLoss(), optimizer=optimizer,
-                      scheduler=scheduler, dist=LocalBackend(), device=torch.device("cpu"),
-                      batches_per_allreduce=k)
+    ctx = StepContext(
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        dist=LocalBackend(),
+        device=torch.device("cpu"),
+        batches_per_allreduce=k,
+    )
     meter, bad = TrainMeter(ctx.device), []
     batches = iter(lambda: (images, labels, []), None)  # the same micro-batch, forever
     start = time.perf_counter()
@@ -82,13 +88,17 @@ def throughput(args) -> None:
         bare.append(bare_steps(model, optimizer, images, labels, args.steps))
         ours.append(our_steps(model, optimizer, images, labels, args.steps))
     b, o = statistics.median(bare), statistics.median(ours)
-    print(f"model {args.model} {args.image_size}px, micro-batch {args.batch_size}, "
-          f"{args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, torch "
-          f"{torch.__version__}")
-    print(f"bare PyTorch loop   {b:9.1f} images/s (median; min {min(bare):.1f}, "
-          f"max {max(bare):.1f})")
-    print(f"lars optimizer_step {o:9.1f} images/s (median; min {min(ours):.1f}, "
-          f"max {max(ours):.1f})")
+    print(
+        f"model {args.model} {args.image_size}px, micro-batch {args.batch_size}, "
+        f"{args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, torch "
+        f"{torch.__version__}"
+    )
+    print(
+        f"bare PyTorch loop   {b:9.1f} images/s (median; min {min(bare):.1f}, max {max(bare):.1f})"
+    )
+    print(
+        f"lars optimizer_step {o:9.1f} images/s (median; min {min(ours):.1f}, max {max(ours):.1f})"
+    )
     print(f"ratio ours / bare   {o / b:.3f}   (target >= 0.97)")
 
 
@@ -108,11 +118,27 @@ def memory(args) -> None:
         # glibc keeps freed blocks mapped, so RSS would count what the allocator cached; with a
         # low mmap threshold large tensors are unmapped when freed and RSS follows live memory.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, __file__, "--one-memory-run", "--k", str(k),
-                              "--model", args.model, "--image-size", str(args.image_size),
-                              "--batch-size", str(args.batch_size), "--threads",
-                              str(args.threads)], capture_output=True, text=True, check=True,
-                             env=env)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one-memory-run",
+                "--k",
+                str(k),
+                "--model",
+                args.model,
+                "--image-size",
+                str(args.image_size),
+                "--batch-size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         peaks[k] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
         print(f"--batches-per-allreduce {k:>2}: peak RSS {peaks[k]:8.1f} MiB")
     spread = max(peaks.values()) / min(peaks.values()) - 1

@@ -26,12 +26,33 @@ RATE = re.compile(r"step \d+/\d+: .* ([0-9.]+) img/s")
 
 
 def images_per_sec(ranks: int, args, log_root: Path) -> float:
-    command = [str(ROOT / "launch" / "mpirun.sh"), str(ranks), sys.executable,
-               str(ROOT / "pytorch_imagenet_resnet.py"), "--synthetic", "--model", args.model,
-               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-               "--threads", "1", "--workers", "0", "--max-steps", str(args.steps),
-               "--log-interval", str(args.log_interval), "--resume", "none",
-               "--log-dir", str(log_root / f"np{ranks}"), "--backend", args.backend]
+    command = [
+        str(ROOT / "launch" / "mpirun.sh"),
+        str(ranks),
+        sys.executable,
+        str(ROOT / "pytorch_imagenet_resnet.py"),
+        "--synthetic",
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--max-steps",
+        str(args.steps),
+        "--log-interval",
+        str(args.log_interval),
+        "--resume",
+        "none",
+        "--log-dir",
+        str(log_root / f"np{ranks}"),
+        "--backend",
+        args.backend,
+    ]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     rates = [float(m.group(1)) for m in RATE.finditer(out)][1:]  # drop the start-up interval
     if not rates:
@@ -55,8 +76,10 @@ def main() -> None:
             one.append(images_per_sec(1, args, Path(tmp)))
             two.append(images_per_sec(2, args, Path(tmp)))
     a, b = statistics.median(one), statistics.median(two)
-    print(f"{args.model} {args.image_size}px, {args.batch_size} images per rank per step, "
-          f"1 thread per rank, {args.backend}, {args.rounds} rounds of {args.steps} steps")
+    print(
+        f"{args.model} {args.image_size}px, {args.batch_size} images per rank per step, "
+        f"1 thread per rank, {args.backend}, {args.rounds} rounds of {args.steps} steps"
+    )
     print(f"1 rank : {a:8.1f} images/s per rank  (runs: {', '.join(f'{x:.1f}' for x in one)})")
     print(f"2 ranks: {b:8.1f} images/s per rank  (runs: {', '.join(f'{x:.1f}' for x in two)})")
     print(f"weak-scaling efficiency {b / a:.3f}   (target >= 0.9)")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Build the embedded sample dataset (scikit-learn's digits as JPEGs) into data/sample/.
 
-    python data/build_sample.py            # skips the work when the set is already complete
-    python data/build_sample.py --root /tmp/digits
+python data/build_sample.py            # skips the work when the set is already complete
+python data/build_sample.py --root /tmp/digits
 """
 
 import argparse
@@ -16,8 +16,12 @@ from lars.data.sample import build_sample_dataset, default_sample_dir, is_comple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=None,
-                        help=f"where to build it (default: {default_sample_dir()})")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help=f"where to build it (default: {default_sample_dir()})",
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing when already built")
     args = parser.parse_args()
     root = args.root or default_sample_dir()

@@ -28,8 +28,11 @@ def list_checkpoints(log_dir: str | os.PathLike) -> list[Path]:
     folder = Path(log_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder)
-             if (m := _PATTERN.match(name))]
+    found = [
+        (int(m.group(1)), folder / name)
+        for name in os.listdir(folder)
+        if (m := _PATTERN.match(name))
+    ]
     return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -63,9 +66,17 @@ def rng_states() -> dict:
     import numpy as np
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
-              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")),
-                        "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
+    states = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
@@ -80,8 +91,9 @@ def set_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"],
-                         n["has_gauss"], n["cached"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"])
+    )
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
 
@@ -91,11 +103,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, or holding objects other than tensors
-        raise ValueError(f"checkpoint {str(path)!r} is unreadable or unsafe: "
-                         f"{str(error).splitlines()[0]}") from None
+        raise ValueError(
+            f"checkpoint {str(path)!r} is unreadable or unsafe: {str(error).splitlines()[0]}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {str(path)!r} is not a checkpoint of this project "
-                         f"(format version {FORMAT_VERSION})")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a checkpoint of this project "
+            f"(format version {FORMAT_VERSION})"
+        )
     return payload
 
 

@@ -17,21 +17,55 @@ from lars.schedules import SCHEDULES
 # Defaults that differ between the embedded sample set (no --train-dir) and real data. The sample
 # run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
 # command line (Goyal et al. 2017 / LARS-ImageNet).
-SAMPLE_DEFAULTS = dict(model="resnet18_small", image_size=32, epochs=4, batch_size=32,
-                       val_batch_size=128, min_crop_scale=0.35, hflip=False,
-                       warmup_epochs=0.5, label_smoothing=0.0, val_crop_ratio=1.0)
-IMAGENET_DEFAULTS = dict(model="resnet50", image_size=224, epochs=90, batch_size=32,
-                         val_batch_size=32, min_crop_scale=0.08, hflip=True,
-                         warmup_epochs=5.0, label_smoothing=0.1, val_crop_ratio=0.875)
+SAMPLE_DEFAULTS = dict(
+    model="resnet18_small",
+    image_size=32,
+    epochs=4,
+    batch_size=32,
+    val_batch_size=128,
+    min_crop_scale=0.35,
+    hflip=False,
+    warmup_epochs=0.5,
+    label_smoothing=0.0,
+    val_crop_ratio=1.0,
+)
+IMAGENET_DEFAULTS = dict(
+    model="resnet50",
+    image_size=224,
+    epochs=90,
+    batch_size=32,
+    val_batch_size=32,
+    min_crop_scale=0.08,
+    hflip=True,
+    warmup_epochs=5.0,
+    label_smoothing=0.1,
+    val_crop_ratio=0.875,
+)
 # CIFAR-10/100 (32 px) and Tiny ImageNet (64 px): the small-image ResNet, images at native size.
-SMALL_IMAGE_DEFAULTS = dict(model="resnet18_small", epochs=90, batch_size=128,
-                            val_batch_size=256, min_crop_scale=0.35, hflip=True,
-                            warmup_epochs=5.0, label_smoothing=0.1, val_crop_ratio=1.0)
+SMALL_IMAGE_DEFAULTS = dict(
+    model="resnet18_small",
+    epochs=90,
+    batch_size=128,
+    val_batch_size=256,
+    min_crop_scale=0.35,
+    hflip=True,
+    warmup_epochs=5.0,
+    label_smoothing=0.1,
+    val_crop_ratio=1.0,
+)
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 # --base-lr when not given, for the reference batch (--lr-reference-batch): layer-wise adaptive
 # optimizers take rates two orders larger than SGD because eta x ||w|| / ||g|| scales them down.
-DEFAULT_BASE_LR = {"lars": 2.0, "tvlars": 2.0, "lamb": 0.01, "sgd": 0.1, "adam": 0.001,
-                   "adamw": 0.001, "adagrad": 0.01, "rmsprop": 0.01}
+DEFAULT_BASE_LR = {
+    "lars": 2.0,
+    "tvlars": 2.0,
+    "lamb": 0.01,
+    "sgd": 0.1,
+    "adam": 0.001,
+    "adamw": 0.001,
+    "adagrad": 0.01,
+    "rmsprop": 0.01,
+}
 DATASETS = ("imagefolder", "cifar10", "cifar100", "tinyimagenet")
 
 
@@ -48,134 +82,265 @@ def get_args_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--train-dir", help="ImageFolder root of the training set (default: sample set)")
     d.add_argument("--val-dir", help="ImageFolder root of the validation set")
-    d.add_argument("--dataset", choices=DATASETS,
-                   help="imagefolder (--train-dir/--val-dir), or cifar10, cifar100, tinyimagenet "
-                   "read from their archives in --data-dir (default: imagefolder)")
-    d.add_argument("--data-dir", help="folder holding cifar-10-python.tar.gz, "
-                   "cifar-100-python.tar.gz or tiny-imagenet-200.zip (or what they extract to)")
-    d.add_argument("--val-crop-ratio", type=float,
-                   help="validation: resize to image-size / ratio, centre-crop image-size "
-                   "(0.875; 1.0 for the 32-64 px datasets)")
-    d.add_argument("--synthetic", action="store_true",
-                   help="random tensors of ImageNet shape instead of files (throughput runs)")
+    d.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="imagefolder (--train-dir/--val-dir), or cifar10, cifar100, tinyimagenet "
+        "read from their archives in --data-dir (default: imagefolder)",
+    )
+    d.add_argument(
+        "--data-dir",
+        help="folder holding cifar-10-python.tar.gz, "
+        "cifar-100-python.tar.gz or tiny-imagenet-200.zip (or what they extract to)",
+    )
+    d.add_argument(
+        "--val-crop-ratio",
+        type=float,
+        help="validation: resize to image-size / ratio, centre-crop image-size "
+        "(0.875; 1.0 for the 32-64 px datasets)",
+    )
+    d.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random tensors of ImageNet shape instead of files (throughput runs)",
+    )
     d.add_argument("--image-size", type=int, help="training crop, pixels (224; sample set: 32)")
-    d.add_argument("--min-crop-scale", type=float,
-                   help="RandomResizedCrop's smallest area fraction (0.08; sample set: 0.35)")
-    d.add_argument("--hflip", action=argparse.BooleanOptionalAction,
-                   help="random horizontal flips (on; off for the sample set's digits)")
-    d.add_argument("--fast-jpeg", action=argparse.BooleanOptionalAction, default=True,
-                   help="ImageFolder JPEGs through the fast pipeline (crop box from the header, "
-                   "reduced-size decode, uint8 to the device); --no-fast-jpeg: torchvision's "
-                   "transforms (default: on)")
-    d.add_argument("--workers", type=int,
-                   help="data-loading processes per rank (default: CPU cores per rank - 1)")
+    d.add_argument(
+        "--min-crop-scale",
+        type=float,
+        help="RandomResizedCrop's smallest area fraction (0.08; sample set: 0.35)",
+    )
+    d.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        help="random horizontal flips (on; off for the sample set's digits)",
+    )
+    d.add_argument(
+        "--fast-jpeg",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ImageFolder JPEGs through the fast pipeline (crop box from the header, "
+        "reduced-size decode, uint8 to the device); --no-fast-jpeg: torchvision's "
+        "transforms (default: on)",
+    )
+    d.add_argument(
+        "--workers",
+        type=int,
+        help="data-loading processes per rank (default: CPU cores per rank - 1)",
+    )
 
     m = p.add_argument_group("model and batch")
-    m.add_argument("--model", help="torchvision model name, or resnet18_small/34/50 for 32-64 px, "
-                   "or tinycnn (resnet50; sample set: resnet18_small)")
+    m.add_argument(
+        "--model",
+        help="torchvision model name, or resnet18_small/34/50 for 32-64 px, "
+        "or tinycnn (resnet50; sample set: resnet18_small)",
+    )
     m.add_argument("--epochs", type=int, help="epochs to train (90; sample set: 4)")
     m.add_argument("--batch-size", type=int, help="images per rank per micro-batch (32)")
     m.add_argument("--val-batch-size", type=int, help="images per rank per validation batch")
-    m.add_argument("--batches-per-allreduce", type=int, default=1,
-                   help="micro-batches accumulated per optimizer step; global batch = "
-                   "batch-size x ranks x this (default: 1)")
-    m.add_argument("--max-steps", type=int,
-                   help="stop after this many optimizer steps (smoke runs, benchmarks)")
+    m.add_argument(
+        "--batches-per-allreduce",
+        type=int,
+        default=1,
+        help="micro-batches accumulated per optimizer step; global batch = "
+        "batch-size x ranks x this (default: 1)",
+    )
+    m.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many optimizer steps (smoke runs, benchmarks)",
+    )
     m.add_argument("--label-smoothing", type=float, help="label smoothing (0.1; sample set: 0)")
 
     o = p.add_argument_group("optimizer")
-    o.add_argument("--base-op", "--optimizer", dest="base_op", default="lars",
-                   choices=OPTIMIZERS, help="optimizer (default: lars)")
-    o.add_argument("--base-lr", type=float,
-                   help="learning rate for the reference batch (lars/tvlars 2.0, lamb 0.01, "
-                   "sgd 0.1, adam/adamw 0.001, adagrad/rmsprop 0.01)")
-    o.add_argument("--lr-scaling", default="keep", choices=("keep", "linear", "sqrt"),
-                   help="lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep)")
-    o.add_argument("--lr-reference-batch", type=int, default=256,
-                   help="B0 of --lr-scaling, images (default: 256)")
+    o.add_argument(
+        "--base-op",
+        "--optimizer",
+        dest="base_op",
+        default="lars",
+        choices=OPTIMIZERS,
+        help="optimizer (default: lars)",
+    )
+    o.add_argument(
+        "--base-lr",
+        type=float,
+        help="learning rate for the reference batch (lars/tvlars 2.0, lamb 0.01, "
+        "sgd 0.1, adam/adamw 0.001, adagrad/rmsprop 0.01)",
+    )
+    o.add_argument(
+        "--lr-scaling",
+        default="keep",
+        choices=("keep", "linear", "sqrt"),
+        help="lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep)",
+    )
+    o.add_argument(
+        "--lr-reference-batch",
+        type=int,
+        default=256,
+        help="B0 of --lr-scaling, images (default: 256)",
+    )
     o.add_argument("--momentum", type=float, default=0.9, help="momentum (default: 0.9)")
     o.add_argument("--wd", type=float, default=5e-5, help="weight decay (default: 5e-5)")
-    o.add_argument("--bn-bias-separately", action="store_true",
-                   help="no weight decay and no layer adaptation for biases and normalisation")
-    o.add_argument("--trust-coefficient", type=float, default=0.001,
-                   help="LARS/TVLARS eta (default: 0.001)")
-    o.add_argument("--lmbda", type=float, default=0.001,
-                   help="TVLARS decay coefficient lambda, per optimizer step (default: 0.001)")
+    o.add_argument(
+        "--bn-bias-separately",
+        action="store_true",
+        help="no weight decay and no layer adaptation for biases and normalisation",
+    )
+    o.add_argument(
+        "--trust-coefficient", type=float, default=0.001, help="LARS/TVLARS eta (default: 0.001)"
+    )
+    o.add_argument(
+        "--lmbda",
+        type=float,
+        default=0.001,
+        help="TVLARS decay coefficient lambda, per optimizer step (default: 0.001)",
+    )
     o.add_argument("--tv-alpha", type=float, default=1.0, help="TVLARS alpha (default: 1.0)")
-    o.add_argument("--tv-delay-epochs", type=float, default=0.0,
-                   help="TVLARS delay d_e, epochs (default: 0)")
-    o.add_argument("--tv-min-scale", type=float, default=0.0,
-                   help="TVLARS gamma_min, the floor of phi (default: 0)")
+    o.add_argument(
+        "--tv-delay-epochs", type=float, default=0.0, help="TVLARS delay d_e, epochs (default: 0)"
+    )
+    o.add_argument(
+        "--tv-min-scale",
+        type=float,
+        default=0.0,
+        help="TVLARS gamma_min, the floor of phi (default: 0)",
+    )
 
     s = p.add_argument_group("learning-rate schedule")
-    s.add_argument("--schedule", choices=SCHEDULES,
-                   help="poly (default), cosine, step (x0.1 at 30/60/80 epochs), constant; "
-                   "tvlars: none (phi is its schedule)")
-    s.add_argument("--warmup-epochs", type=float,
-                   help="linear warm-up from 0, epochs, may be fractional (5; sample set: 0.5)")
-    s.add_argument("--lr-power", type=float,
-                   help="power of the polynomial decay (2 for lars/tvlars, 1 otherwise, "
-                   "as in the seed)")
+    s.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="poly (default), cosine, step (x0.1 at 30/60/80 epochs), constant; "
+        "tvlars: none (phi is its schedule)",
+    )
+    s.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="linear warm-up from 0, epochs, may be fractional (5; sample set: 0.5)",
+    )
+    s.add_argument(
+        "--lr-power",
+        type=float,
+        help="power of the polynomial decay (2 for lars/tvlars, 1 otherwise, as in the seed)",
+    )
     s.add_argument("--end-lr", type=float, default=0.0, help="final learning rate (default: 0)")
 
     h = p.add_argument_group("distributed and hardware")
-    h.add_argument("--backend", choices=("auto", "horovod", "torch"), default="auto",
-                   help="horovod, or torch.distributed with DDP; auto: horovod when installed "
-                   "(default: auto)")
+    h.add_argument(
+        "--backend",
+        choices=("auto", "horovod", "torch"),
+        default="auto",
+        help="horovod, or torch.distributed with DDP; auto: horovod when installed (default: auto)",
+    )
     h.add_argument("--fp16-allreduce", action="store_true", help="compress gradients to fp16")
     h.add_argument("--use-adasum", action="store_true", help="Adasum instead of averaging")
     h.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")
-    h.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="mixed precision: bf16, or fp16 with a gradient scaler (default: none)")
-    h.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="NHWC memory format (default: on with CUDA, off on the CPU)")
+    h.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="mixed precision: bf16, or fp16 with a gradient scaler (default: none)",
+    )
+    h.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="NHWC memory format (default: on with CUDA, off on the CPU)",
+    )
     h.add_argument("--compile", action="store_true", help="torch.compile the model")
-    h.add_argument("--clip-grad-norm", type=float,
-                   help="clip the averaged gradients to this global L2 norm (default: off)")
-    h.add_argument("--threads", type=int,
-                   help="torch CPU threads per rank (default: CPU cores / ranks on the node)")
+    h.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        help="clip the averaged gradients to this global L2 norm (default: off)",
+    )
+    h.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads per rank (default: CPU cores / ranks on the node)",
+    )
 
     c = p.add_argument_group("configuration files and planning")
-    c.add_argument("--config", metavar="FILE.yaml",
-                   help="YAML file of defaults (keys are long option names, with dashes or "
-                   "underscores); flags on the command line override it")
-    c.add_argument("--dry-run", action="store_true",
-                   help="print the plan (global batch, scaled LR, steps, warm-up, LR at a few "
-                   "points, parameters per group) and exit without training")
-    c.add_argument("--ranks", type=int,
-                   help="with --dry-run: plan for this many ranks (default: this launch's)")
+    c.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file of defaults (keys are long option names, with dashes or "
+        "underscores); flags on the command line override it",
+    )
+    c.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (global batch, scaled LR, steps, warm-up, LR at a few "
+        "points, parameters per group) and exit without training",
+    )
+    c.add_argument(
+        "--ranks",
+        type=int,
+        help="with --dry-run: plan for this many ranks (default: this launch's)",
+    )
 
     r = p.add_argument_group("run, logging and checkpoints")
     r.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    r.add_argument("--log-dir", help="TensorBoard, config and checkpoint folder "
-                   "(default: runs/<dataset>-<model>-<optimizer>-gb<global batch>)")
-    r.add_argument("--log-interval", type=int, default=10,
-                   help="optimizer steps between train logs (default: 10)")
-    r.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
-                   help="bar: a live progress bar; log: periodic lines only; auto: the bar on "
-                   "a terminal outside mpirun/srun (default: auto)")
-    r.add_argument("--resume", default="auto",
-                   help="auto (newest checkpoint in --log-dir), none, or a checkpoint path")
-    r.add_argument("--keep-checkpoints", type=int, default=3,
-                   help="checkpoints kept in --log-dir (default: 3)")
-    r.add_argument("--checkpoint-every-steps", type=int,
-                   help="also checkpoint every this many optimizer steps (default: epoch ends)")
-    r.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels: a resumed run ends bitwise equal to an "
-                   "uninterrupted one (slower on GPU)")
+    r.add_argument(
+        "--log-dir",
+        help="TensorBoard, config and checkpoint folder "
+        "(default: runs/<dataset>-<model>-<optimizer>-gb<global batch>)",
+    )
+    r.add_argument(
+        "--log-interval",
+        type=int,
+        default=10,
+        help="optimizer steps between train logs (default: 10)",
+    )
+    r.add_argument(
+        "--progress",
+        choices=("auto", "bar", "log"),
+        default="auto",
+        help="bar: a live progress bar; log: periodic lines only; auto: the bar on "
+        "a terminal outside mpirun/srun (default: auto)",
+    )
+    r.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (newest checkpoint in --log-dir), none, or a checkpoint path",
+    )
+    r.add_argument(
+        "--keep-checkpoints", type=int, default=3, help="checkpoints kept in --log-dir (default: 3)"
+    )
+    r.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        help="also checkpoint every this many optimizer steps (default: epoch ends)",
+    )
+    r.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels: a resumed run ends bitwise equal to an "
+        "uninterrupted one (slower on GPU)",
+    )
 
     f = p.add_argument_group("fault tolerance")
-    f.add_argument("--nonfinite", choices=("skip", "abort"), default="skip",
-                   help="on a non-finite gradient: skip the step (count it) or abort with a "
-                   "checkpoint of the last good state (default: skip)")
-    f.add_argument("--max-nonfinite", type=int,
-                   help="abort after this many non-finite steps in a row (default: 20; "
-                   "--nonfinite abort: 1)")
-    f.add_argument("--strict-data", action="store_true",
-                   help="an unreadable image file stops the run (default: skip and count it)")
-    f.add_argument("--stall-timeout", type=float, default=300.0,
-                   help="seconds a rank may stop taking part before Horovod ends the job "
-                   "(default: 300)")
+    f.add_argument(
+        "--nonfinite",
+        choices=("skip", "abort"),
+        default="skip",
+        help="on a non-finite gradient: skip the step (count it) or abort with a "
+        "checkpoint of the last good state (default: skip)",
+    )
+    f.add_argument(
+        "--max-nonfinite",
+        type=int,
+        help="abort after this many non-finite steps in a row (default: 20; --nonfinite abort: 1)",
+    )
+    f.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="an unreadable image file stops the run (default: skip and count it)",
+    )
+    f.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank may stop taking part before Horovod ends the job (default: 300)",
+    )
     return p
 
 
@@ -194,13 +359,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if archive and (args.train_dir or args.val_dir):
         raise UsageError(f"--dataset {args.dataset} reads --data-dir; drop --train-dir/--val-dir")
     if archive and not args.data_dir:
-        raise UsageError(f"--dataset {args.dataset} needs --data-dir (the folder holding its "
-                         "archive)")
+        raise UsageError(
+            f"--dataset {args.dataset} needs --data-dir (the folder holding its archive)"
+        )
     if archive and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
     if not archive and args.data_dir:
-        raise UsageError("--data-dir goes with --dataset cifar10|cifar100|tinyimagenet; "
-                         "ImageFolder trees take --train-dir and --val-dir")
+        raise UsageError(
+            "--data-dir goes with --dataset cifar10|cifar100|tinyimagenet; "
+            "ImageFolder trees take --train-dir and --val-dir"
+        )
     if args.train_dir is None and args.val_dir is not None:
         raise UsageError("--val-dir was given without --train-dir")
     if args.train_dir is not None and args.val_dir is None and not args.synthetic:
@@ -231,16 +399,39 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.lr_power is None:
         args.lr_power = 2.0 if args.base_op in ("lars", "tvlars") else 1.0
     if args.base_op == "tvlars" and args.schedule not in ("none", "constant"):
-        raise UsageError(f"--base-op tvlars takes no --schedule {args.schedule}: phi is its "
-                         "schedule (use --schedule none)")
+        raise UsageError(
+            f"--base-op tvlars takes no --schedule {args.schedule}: phi is its "
+            "schedule (use --schedule none)"
+        )
 
-    for flag in ("epochs", "batch_size", "val_batch_size", "batches_per_allreduce", "image_size",
-                 "lr_reference_batch", "log_interval", "keep_checkpoints", "max_steps",
-                 "threads", "checkpoint_every_steps", "max_nonfinite", "stall_timeout",
-                 "ranks", "clip_grad_norm"):
+    for flag in (
+        "epochs",
+        "batch_size",
+        "val_batch_size",
+        "batches_per_allreduce",
+        "image_size",
+        "lr_reference_batch",
+        "log_interval",
+        "keep_checkpoints",
+        "max_steps",
+        "threads",
+        "checkpoint_every_steps",
+        "max_nonfinite",
+        "stall_timeout",
+        "ranks",
+        "clip_grad_norm",
+    ):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
-    for flag in ("base_lr", "wd", "warmup_epochs", "end_lr", "tv_delay_epochs", "tv_min_scale",
-                 "lmbda", "workers"):
+    for flag in (
+        "base_lr",
+        "wd",
+        "warmup_epochs",
+        "end_lr",
+        "tv_delay_epochs",
+        "tv_min_scale",
+        "lmbda",
+        "workers",
+    ):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"), allow_zero=True)
     if not 0.0 < args.val_crop_ratio <= 1.0:
         raise UsageError(f"--val-crop-ratio must be in (0, 1], got {args.val_crop_ratio}")
@@ -257,20 +448,28 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.lr_power <= 0:
         raise UsageError(f"--lr-power must be > 0, got {args.lr_power}")
     if args.schedule == "none" and args.warmup_epochs > 0:
-        raise UsageError("--schedule none has no warm-up: use --schedule constant with "
-                         f"--warmup-epochs {args.warmup_epochs}, or --warmup-epochs 0")
+        raise UsageError(
+            "--schedule none has no warm-up: use --schedule constant with "
+            f"--warmup-epochs {args.warmup_epochs}, or --warmup-epochs 0"
+        )
     if args.warmup_epochs > args.epochs:
-        raise UsageError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs "
-                         f"{args.epochs}")
+        raise UsageError(
+            f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}"
+        )
     if args.model not in available_models():
-        raise UsageError(f"--model {args.model!r} is not a torchvision classification model nor "
-                         "one of resnet18_small, resnet34_small, resnet50_small, tinycnn")
+        raise UsageError(
+            f"--model {args.model!r} is not a torchvision classification model nor "
+            "one of resnet18_small, resnet34_small, resnet50_small, tinycnn"
+        )
     if args.dataset == "imagefolder":
         for flag, path in (("--train-dir", args.train_dir), ("--val-dir", args.val_dir)):
             if not os.path.isdir(path):
                 raise UsageError(f"{flag} {path!r} is not a directory")
-    if args.log_dir is not None and os.path.exists(args.log_dir) and not os.path.isdir(
-            args.log_dir):
+    if (
+        args.log_dir is not None
+        and os.path.exists(args.log_dir)
+        and not os.path.isdir(args.log_dir)
+    ):
         raise UsageError(f"--log-dir {args.log_dir!r} exists and is not a directory")
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
         raise UsageError(f"--resume {args.resume!r}: no such checkpoint file")
@@ -287,8 +486,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     except OSError as error:
         raise UsageError(f"--config {path!r}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise UsageError(f"--config {path!r} is not valid YAML: "
-                         f"{str(error).splitlines()[0]}") from None
+        raise UsageError(
+            f"--config {path!r} is not valid YAML: {str(error).splitlines()[0]}"
+        ) from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path!r} must hold a mapping of option names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -302,11 +502,14 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
             try:
                 value = action.type(value)
             except (TypeError, ValueError):
-                raise UsageError(f"--config {path!r}: {key}: {value!r} is not a valid "
-                                 f"{action.type.__name__}") from None
+                raise UsageError(
+                    f"--config {path!r}: {key}: {value!r} is not a valid {action.type.__name__}"
+                ) from None
         if action.choices is not None and value not in action.choices:
-            raise UsageError(f"--config {path!r}: {key}: {value!r} is not one of "
-                             f"{', '.join(map(str, action.choices))}")
+            raise UsageError(
+                f"--config {path!r}: {key}: {value!r} is not one of "
+                f"{', '.join(map(str, action.choices))}"
+            )
         defaults[dest] = value
     return defaults
 

@@ -24,14 +24,27 @@ from contextlib import nullcontext
 
 import torch
 
-_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK", "RANK",
-                   "SLURM_PROCID")
-_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE", "WORLD_SIZE",
-                   "SLURM_NTASKS")
-_LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "LOCAL_RANK",
-                         "SLURM_LOCALID")
-_LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE",
-                         "SLURM_NTASKS_PER_NODE")
+_RANK_VARIABLES = (
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "HOROVOD_RANK",
+    "RANK",
+    "SLURM_PROCID",
+)
+_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE", "WORLD_SIZE", "SLURM_NTASKS")
+_LOCAL_RANK_VARIABLES = (
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "LOCAL_RANK",
+    "SLURM_LOCALID",
+)
+_LOCAL_SIZE_VARIABLES = (
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+)
 BACKENDS = ("auto", "horovod", "torch")
 
 
@@ -121,8 +134,9 @@ class HorovodBackend(LocalBackend):
         if stall_timeout:
             # Horovod's coordinator warns about ranks that submit different collectives and,
             # past the shutdown time, ends the job instead of waiting forever (read at init).
-            os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS",
-                                  str(max(1, int(min(60, stall_timeout / 2)))))
+            os.environ.setdefault(
+                "HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60, stall_timeout / 2))))
+            )
             os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(stall_timeout)))
         import horovod.torch as hvd
 
@@ -183,8 +197,9 @@ class HorovodBackend(LocalBackend):
         if not self.adasum:
             return bool(finite)
         # Adasum: gradients are still local, so the ranks must agree explicitly.
-        bad = self.hvd.allreduce((~finite).to(torch.int32).cpu(), op=self.hvd.Sum,
-                                 name="lars.nonfinite")
+        bad = self.hvd.allreduce(
+            (~finite).to(torch.int32).cpu(), op=self.hvd.Sum, name="lars.nonfinite"
+        )
         return int(bad) == 0
 
     def step(self, optimizer) -> None:
@@ -233,14 +248,16 @@ class TorchBackend(LocalBackend):
         self.rank, self.size = launched_rank(), launched_size()
         torchrun = _torchrun()
         self.local_rank = _first_int(("LOCAL_RANK",) if torchrun else _LOCAL_RANK_VARIABLES, 0)
-        self.local_size = _first_int(("LOCAL_WORLD_SIZE",) if torchrun
-                                     else _LOCAL_SIZE_VARIABLES, 1)
+        self.local_size = _first_int(
+            ("LOCAL_WORLD_SIZE",) if torchrun else _LOCAL_SIZE_VARIABLES, 1
+        )
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = self._rendezvous()
         os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(seconds=stall_timeout or 1800)
-        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank,
-                                world_size=self.size, timeout=timeout)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", rank=self.rank, world_size=self.size, timeout=timeout
+        )
         # Small CPU-side collectives (stop flag, objects) go through Gloo even when NCCL
         # carries the gradients: NCCL only reduces GPU tensors.
         self.cpu_group = dist.new_group(backend="gloo") if cuda else None
@@ -253,8 +270,10 @@ class TorchBackend(LocalBackend):
         try:
             from mpi4py import MPI
         except ImportError:
-            raise RuntimeError("--backend torch under mpirun needs MASTER_ADDR and MASTER_PORT "
-                               "in the environment, or mpi4py to share them") from None
+            raise RuntimeError(
+                "--backend torch under mpirun needs MASTER_ADDR and MASTER_PORT "
+                "in the environment, or mpi4py to share them"
+            ) from None
         address = (socket.gethostname(), str(_free_port())) if self.rank == 0 else None
         return MPI.COMM_WORLD.bcast(address, root=0)
 
@@ -296,8 +315,9 @@ class TorchBackend(LocalBackend):
         return result
 
     def allreduce_sum_async(self, tensor: torch.Tensor):
-        return tensor, self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM,
-                                            group=self.cpu_group, async_op=True)
+        return tensor, self.dist.all_reduce(
+            tensor, op=self.dist.ReduceOp.SUM, group=self.cpu_group, async_op=True
+        )
 
     def wait(self, handle) -> torch.Tensor:
         tensor, work = handle
@@ -316,14 +336,15 @@ def horovod_available() -> bool:
     return True
 
 
-def init_distributed(backend: str = "auto", cuda: bool = False,
-                     stall_timeout: float | None = None):
+def init_distributed(backend: str = "auto", cuda: bool = False, stall_timeout: float | None = None):
     """The backend asked for; `auto` is Horovod when it imports, else torch.distributed when
     launched with several ranks (with a notice), else a single process."""
     if backend == "horovod" or (backend == "auto" and horovod_available()):
         if not horovod_available():
-            raise RuntimeError("--backend horovod: Horovod is not installed in this environment; "
-                               "run launch/setup.sh, or use --backend torch")
+            raise RuntimeError(
+                "--backend horovod: Horovod is not installed in this environment; "
+                "run launch/setup.sh, or use --backend torch"
+            )
         return HorovodBackend(stall_timeout)
     if backend == "torch" or launched_size() > 1:
         chosen = TorchBackend(cuda, stall_timeout)

@@ -29,30 +29,54 @@ def dry_run(args) -> dict:
     _, groups = make_optimizer(args, model, plan)
     total, warm = plan.total_steps, plan.warmup_steps
     points = sorted({0, warm // 2, warm, total // 4, total // 2, 3 * total // 4, total - 1})
-    schedule = {step: lr_at(step, schedule=args.schedule, base_lr=plan.lr, total_steps=total,
-                            warmup_steps=warm, end_lr=args.end_lr, power=args.lr_power,
-                            milestones=step_milestones(plan))
-                for step in points}
+    schedule = {
+        step: lr_at(
+            step,
+            schedule=args.schedule,
+            base_lr=plan.lr,
+            total_steps=total,
+            warmup_steps=warm,
+            end_lr=args.end_lr,
+            power=args.lr_power,
+            milestones=step_milestones(plan),
+        )
+        for step in points
+    }
     if launched_rank() != 0:
         return {"plan": plan, "lr": schedule}
-    print(f"dry run: {args.dataset} ({len(train)} train, {len(val)} val images, "
-          f"{len(classes)} classes), {args.model}, {args.base_op}, {ranks} rank(s)")
-    print(f"global batch       {plan.global_batch_size} = {args.batch_size} per micro-batch x "
-          f"{ranks} ranks x {args.batches_per_allreduce} micro-batches per step")
-    print(f"learning rate      {plan.lr:.6g} = {args.lr_scaling} scaling of base {args.base_lr:g}"
-          f" (reference batch {args.lr_reference_batch})")
-    print(f"steps              {plan.steps_per_epoch} per epoch x {args.epochs} epochs = {total}"
-          f"; warm-up {warm} steps ({args.warmup_epochs:g} epochs); schedule {args.schedule}")
+    print(
+        f"dry run: {args.dataset} ({len(train)} train, {len(val)} val images, "
+        f"{len(classes)} classes), {args.model}, {args.base_op}, {ranks} rank(s)"
+    )
+    print(
+        f"global batch       {plan.global_batch_size} = {args.batch_size} per micro-batch x "
+        f"{ranks} ranks x {args.batches_per_allreduce} micro-batches per step"
+    )
+    print(
+        f"learning rate      {plan.lr:.6g} = {args.lr_scaling} scaling of base {args.base_lr:g}"
+        f" (reference batch {args.lr_reference_batch})"
+    )
+    print(
+        f"steps              {plan.steps_per_epoch} per epoch x {args.epochs} epochs = {total}"
+        f"; warm-up {warm} steps ({args.warmup_epochs:g} epochs); schedule {args.schedule}"
+    )
     phi = None
     if args.base_op == "tvlars":
         from lars.optim.tvlars import tvlars_phi
 
         t = torch.tensor([float(s + 1) for s in points], dtype=torch.float64)
-        phi = tvlars_phi(t, lmbda=args.lmbda, alpha=args.tv_alpha,
-                         delay_steps=plan.tv_delay_steps, min_scale=args.tv_min_scale).tolist()
+        phi = tvlars_phi(
+            t,
+            lmbda=args.lmbda,
+            alpha=args.tv_alpha,
+            delay_steps=plan.tv_delay_steps,
+            min_scale=args.tv_min_scale,
+        ).tolist()
     for i, step in enumerate(points):
         extra = f"   tvlars phi {phi[i]:.4g}" if phi else ""
-        print(f"  lr at step {step:>8} (epoch {step / plan.steps_per_epoch:7.2f}): "
-              f"{schedule[step]:.6g}{extra}")
+        print(
+            f"  lr at step {step:>8} (epoch {step / plan.steps_per_epoch:7.2f}): "
+            f"{schedule[step]:.6g}{extra}"
+        )
     print(param_group_summary(model, groups))
     return {"plan": plan, "lr": schedule}

@@ -74,8 +74,9 @@ def grads_are_finite(optimizer) -> torch.Tensor:
     After Horovod's synchronize the gradients are identical on every rank, so every rank reaches
     the same verdict without communicating.
     """
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-             if p.grad is not None]
+    grads = [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
     if not grads:
         return torch.tensor(True)
     norms = torch._foreach_norm(grads)  # inf or nan if any entry is
@@ -83,8 +84,9 @@ def grads_are_finite(optimizer) -> torch.Tensor:
 
 
 def params_are_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
-               if t.is_floating_point())
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )
 
 
 STALL_EXIT_STATUS = 5  # no progress for --stall-timeout seconds (a rank died or hangs)
@@ -121,8 +123,11 @@ class Watchdog:
         while not self._done.wait(min(5.0, self.timeout / 4)):
             idle = time.monotonic() - self.last
             if idle > self.timeout:
-                print(f"pytorch_imagenet_resnet.py: error: no progress for {idle:.0f} s "
-                      f"(--stall-timeout {self.timeout:g}) {self.describe()}: another rank "
-                      "probably died or hangs; resume from the last checkpoint",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"pytorch_imagenet_resnet.py: error: no progress for {idle:.0f} s "
+                    f"(--stall-timeout {self.timeout:g}) {self.describe()}: another rank "
+                    "probably died or hangs; resume from the last checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(STALL_EXIT_STATUS)

@@ -28,9 +28,16 @@ class TrainMeter:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, dist, device: torch.device,
-             progress=lambda: None, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, prepare=None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    dist,
+    device: torch.device,
+    progress=lambda: None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    prepare=None,
+) -> dict[str, float]:
     """Whole-set loss (plain cross-entropy), top-1 and top-5 in percent.
 
     Each rank counts over its shard (disjoint, unpadded); one allreduce sums the counts.
@@ -49,19 +56,27 @@ def evaluate(model: torch.nn.Module, loader, dist, device: torch.device,
             images = prepare(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             output = model(images).float()
         k = min(5, output.shape[1])
         hits = output.topk(k, dim=1).indices.eq(labels[:, None])
-        sums += torch.stack([
-            F.cross_entropy(output, labels, reduction="sum").double(),
-            hits[:, 0].sum().double(),
-            hits.any(dim=1).sum().double(),
-            torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=device),
-        ])
+        sums += torch.stack(
+            [
+                F.cross_entropy(output, labels, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=device),
+            ]
+        )
     loss_sum, top1, top5, count = dist.allreduce_sum(sums).tolist()
     model.train()
     count = max(count, 1.0)
-    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
-            "samples": int(count), "bad_paths": bad_paths}
+    return {
+        "loss": loss_sum / count,
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count,
+        "samples": int(count),
+        "bad_paths": bad_paths,
+    }

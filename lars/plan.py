@@ -42,14 +42,20 @@ def plan_run(args, world_size: int, train_images: int, val_images: int) -> RunPl
         raise UsageError(
             f"the global batch ({args.batch_size} x {world_size} ranks x "
             f"{args.batches_per_allreduce} = {global_batch}) is larger than the training set "
-            f"({train_images} images): lower --batch-size or --batches-per-allreduce")
+            f"({train_images} images): lower --batch-size or --batches-per-allreduce"
+        )
     return RunPlan(
-        world_size=world_size, global_batch_size=global_batch,
+        world_size=world_size,
+        global_batch_size=global_batch,
         lr=scale_lr(args.base_lr, global_batch, args.lr_reference_batch, args.lr_scaling),
-        train_images=train_images, val_images=val_images, micro_batches_per_epoch=micro,
-        steps_per_epoch=steps, total_steps=steps * args.epochs,
+        train_images=train_images,
+        val_images=val_images,
+        micro_batches_per_epoch=micro,
+        steps_per_epoch=steps,
+        total_steps=steps * args.epochs,
         warmup_steps=epochs_to_steps(args.warmup_epochs, steps),
-        tv_delay_steps=epochs_to_steps(args.tv_delay_epochs, steps))
+        tv_delay_steps=epochs_to_steps(args.tv_delay_epochs, steps),
+    )
 
 
 def step_milestones(plan: RunPlan) -> list[int]:
@@ -64,11 +70,22 @@ def default_log_dir(args, global_batch: int) -> str:
 
 def data_config(args, workers: int) -> DataConfig:
     return DataConfig(
-        train_dir=args.train_dir, val_dir=args.val_dir, synthetic=args.synthetic,
-        image_size=args.image_size, min_crop_scale=args.min_crop_scale, hflip=args.hflip,
-        batch_size=args.batch_size, val_batch_size=args.val_batch_size, workers=workers,
-        seed=args.seed, strict_data=args.strict_data, dataset=args.dataset,
-        data_dir=args.data_dir, val_crop_ratio=args.val_crop_ratio, fast_jpeg=args.fast_jpeg)
+        train_dir=args.train_dir,
+        val_dir=args.val_dir,
+        synthetic=args.synthetic,
+        image_size=args.image_size,
+        min_crop_scale=args.min_crop_scale,
+        hflip=args.hflip,
+        batch_size=args.batch_size,
+        val_batch_size=args.val_batch_size,
+        workers=workers,
+        seed=args.seed,
+        strict_data=args.strict_data,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        val_crop_ratio=args.val_crop_ratio,
+        fast_jpeg=args.fast_jpeg,
+    )
 
 
 def make_optimizer(args, model: nn.Module, plan: RunPlan):
@@ -77,10 +94,19 @@ def make_optimizer(args, model: nn.Module, plan: RunPlan):
     if args.bn_bias_separately:
         groups = param_groups(model, args.wd)
     else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad],
-                   "weight_decay": args.wd}]
+        groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}
+        ]
     optimizer = build_optimizer(
-        args.base_op, groups, lr=plan.lr, momentum=args.momentum, weight_decay=args.wd,
-        trust_coefficient=args.trust_coefficient, lmbda=args.lmbda, alpha=args.tv_alpha,
-        delay_steps=plan.tv_delay_steps, min_scale=args.tv_min_scale)
+        args.base_op,
+        groups,
+        lr=plan.lr,
+        momentum=args.momentum,
+        weight_decay=args.wd,
+        trust_coefficient=args.trust_coefficient,
+        lmbda=args.lmbda,
+        alpha=args.tv_alpha,
+        delay_steps=plan.tv_delay_steps,
+        min_scale=args.tv_min_scale,
+    )
     return optimizer, groups

@@ -16,8 +16,11 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "torchvision": torchvision.__version__}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
     try:
         import horovod
 
@@ -30,8 +33,9 @@ def versions() -> dict[str, str]:
 class Reporter:
     """Console and TensorBoard output of rank 0."""
 
-    def __init__(self, log_dir: str, enabled: bool, purge_step: int | None = None,
-                 progress: str = "auto") -> None:
+    def __init__(
+        self, log_dir: str, enabled: bool, purge_step: int | None = None, progress: str = "auto"
+    ) -> None:
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self.writer = None
@@ -46,10 +50,13 @@ class Reporter:
         # A live progress bar on a terminal; in log files the periodic lines suffice. Under
         # mpirun or srun a rank's stdout is a pseudo-terminal even when the job's output goes to
         # a file, so "auto" shows the bar only to a process that no MPI launcher started.
-        under_launcher = any(v in os.environ for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK",
-                                                         "PMIX_RANK", "SLURM_PROCID"))
-        self.live = enabled and (progress == "bar" or (
-            progress == "auto" and sys.stdout.isatty() and not under_launcher))
+        under_launcher = any(
+            v in os.environ
+            for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+        )
+        self.live = enabled and (
+            progress == "bar" or (progress == "auto" and sys.stdout.isatty() and not under_launcher)
+        )
         self._bar_shown = False
 
     def print(self, *parts) -> None:
@@ -59,16 +66,25 @@ class Reporter:
                 self._bar_shown = False
             print(*parts, flush=True)
 
-    def progress(self, epoch: int, epochs: int, step: int, total: int, images_per_sec: float,
-                 eta_seconds: float) -> None:
+    def progress(
+        self,
+        epoch: int,
+        epochs: int,
+        step: int,
+        total: int,
+        images_per_sec: float,
+        eta_seconds: float,
+    ) -> None:
         """Redraw the one-line progress bar (terminal only)."""
         if not self.live:
             return
         width = 30
         filled = int(width * step / max(total, 1))
         bar = "#" * filled + "." * (width - filled)
-        sys.stdout.write(f"\repoch {epoch}/{epochs} [{bar}] {step}/{total} "
-                         f"{images_per_sec:.0f} img/s ETA {format_duration(eta_seconds)}   ")
+        sys.stdout.write(
+            f"\repoch {epoch}/{epochs} [{bar}] {step}/{total} "
+            f"{images_per_sec:.0f} img/s ETA {format_duration(eta_seconds)}   "
+        )
         sys.stdout.flush()
         self._bar_shown = True
 
@@ -76,8 +92,10 @@ class Reporter:
         """The run's settings and final metrics for TensorBoard's HParams tab."""
         if self.writer is None:
             return
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                 for k, v in hyperparameters.items()}
+        clean = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in hyperparameters.items()
+        }
         self.writer.add_hparams(clean, metrics, run_name=".")
 
     def scalars(self, values: dict[str, float], step: int) -> None:

@@ -1,13 +1,13 @@
 """One optimizer step, in the only order that is correct with Horovod, AMP and accumulation.
 
-    for each of k micro-batches:   forward (autocast), loss / k, backward (scaled for fp16);
-                                   Horovod allreduces during the k-th backward, DDP after it
-    synchronise                    wait for the averaged gradients (horovod#1089, #3160)
-    unscale                        fp16: divide by the loss scale
-    clip                           --clip-grad-norm, on the averaged, unscaled gradients
-    check finite                   the same verdict on every rank (the gradients are averaged)
-    step                           without a second synchronisation; fp16: GradScaler.step
-    schedule, zero_grad
+for each of k micro-batches:   forward (autocast), loss / k, backward (scaled for fp16);
+                               Horovod allreduces during the k-th backward, DDP after it
+synchronise                    wait for the averaged gradients (horovod#1089, #3160)
+unscale                        fp16: divide by the loss scale
+clip                           --clip-grad-norm, on the averaged, unscaled gradients
+check finite                   the same verdict on every rank (the gradients are averaged)
+step                           without a second synchronisation; fp16: GradScaler.step
+schedule, zero_grad
 """
 
 from __future__ import annotations
@@ -59,8 +59,11 @@ def optimizer_step(ctx: StepContext, batches, meter, bad_paths: list) -> bool:
                 loss.backward()
                 continue
             images, labels = _inputs(ctx, images, labels)
-            with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
-                                enabled=ctx.amp_dtype is not None):
+            with torch.autocast(
+                ctx.device.type,
+                dtype=ctx.amp_dtype or torch.float32,
+                enabled=ctx.amp_dtype is not None,
+            ):
                 output = model(images)
                 loss = ctx.loss_fn(output, labels)
             scaled = loss / k

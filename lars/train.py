@@ -98,8 +98,7 @@ class Run:
         self.device = torch.device("cuda" if cuda else "cpu")
         torch.manual_seed(args.seed)
 
-        self.data = build_loaders(data_cfg, dist.rank, dist.size, pin_memory=cuda,
-                                  datasets_=found)
+        self.data = build_loaders(data_cfg, dist.rank, dist.size, pin_memory=cuda, datasets_=found)
         self.plan = plan = plan_run(args, dist.size, self.data.train_size, self.data.val_size)
         args.log_dir = args.log_dir or default_log_dir(args, plan.global_batch_size)
 
@@ -107,19 +106,28 @@ class Run:
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-        self.scaler = (torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None)
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.amp == "fp16" else None
         optimizer, self.groups = make_optimizer(args, self.model, plan)
         # Horovod rebuilds the optimizer as Cls(param_groups): wrap before loading any state.
         try:
-            self.optimizer = dist.wrap_optimizer(optimizer, self.model,
-                                                 args.batches_per_allreduce,
-                                                 args.fp16_allreduce, args.use_adasum)
+            self.optimizer = dist.wrap_optimizer(
+                optimizer,
+                self.model,
+                args.batches_per_allreduce,
+                args.fp16_allreduce,
+                args.use_adasum,
+            )
         except ValueError as error:
             raise UsageError(str(error)) from None
         self.scheduler = build_scheduler(
-            self.optimizer, schedule=args.schedule, total_steps=plan.total_steps,
-            warmup_steps=plan.warmup_steps, end_lr=args.end_lr, power=args.lr_power,
-            milestones=step_milestones(plan))
+            self.optimizer,
+            schedule=args.schedule,
+            total_steps=plan.total_steps,
+            warmup_steps=plan.warmup_steps,
+            end_lr=args.end_lr,
+            power=args.lr_power,
+            milestones=step_milestones(plan),
+        )
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.epoch, self.global_step, self.final = 0, 0, None
@@ -127,23 +135,36 @@ class Run:
         resumed = self._resume()
         dist.broadcast_model(self.model)
         # uint8 batches from the fast pipeline are normalised once per batch, on the device.
-        self.prepare = (functools.partial(normalize_batch, device=self.device)
-                        if self.data.uint8 else None)
+        self.prepare = (
+            functools.partial(normalize_batch, device=self.device) if self.data.uint8 else None
+        )
         forward_model = dist.wrap_model(self.model)  # DDP under --backend torch
         if args.compile:
             forward_model = torch.compile(forward_model)
         self.step_ctx = StepContext(
-            model=forward_model, loss_fn=self.loss_fn, optimizer=self.optimizer,
-            scheduler=self.scheduler, dist=dist, device=self.device,
-            batches_per_allreduce=args.batches_per_allreduce, amp_dtype=self.amp_dtype,
-            scaler=self.scaler, channels_last=args.channels_last,
-            clip_grad_norm=args.clip_grad_norm, prepare=self.prepare)
+            model=forward_model,
+            loss_fn=self.loss_fn,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            dist=dist,
+            device=self.device,
+            batches_per_allreduce=args.batches_per_allreduce,
+            amp_dtype=self.amp_dtype,
+            scaler=self.scaler,
+            channels_last=args.channels_last,
+            clip_grad_norm=args.clip_grad_norm,
+            prepare=self.prepare,
+        )
         # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
-        self.reporter = Reporter(args.log_dir, enabled=dist.rank == 0,
-                                 purge_step=self.global_step + 1 if resumed else None,
-                                 progress=args.progress)
-        self.watchdog = Watchdog(args.stall_timeout,
-                                 lambda: f"on rank {dist.rank} at step {self.global_step}")
+        self.reporter = Reporter(
+            args.log_dir,
+            enabled=dist.rank == 0,
+            purge_step=self.global_step + 1 if resumed else None,
+            progress=args.progress,
+        )
+        self.watchdog = Watchdog(
+            args.stall_timeout, lambda: f"on rank {dist.rank} at step {self.global_step}"
+        )
 
     # ----------------------------------------------------------------------------- checkpoints
     def _resume(self) -> bool:
@@ -167,7 +188,8 @@ class Run:
             raise UsageError(
                 f"--resume: the checkpoint was made with global batch "
                 f"{payload['global_batch_size']}, this run has {self.plan.global_batch_size}; "
-                "use the same batch size, ranks and --batches-per-allreduce (or --resume none)")
+                "use the same batch size, ranks and --batches-per-allreduce (or --resume none)"
+            )
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -184,42 +206,63 @@ class Run:
         if self.dist.rank != 0:
             return
         if not params_are_finite(self.model):
-            self.reporter.print("warning: not writing a checkpoint: the model holds non-finite "
-                                "values")
+            self.reporter.print(
+                "warning: not writing a checkpoint: the model holds non-finite values"
+            )
             return
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
-                   "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                   "global_step": self.global_step,
-                   "step_in_epoch": self.global_step - self.epoch * self.plan.steps_per_epoch,
-                   "global_batch_size": self.plan.global_batch_size, "final": self.final,
-                   "nonfinite_steps": self.nonfinite_total, "rng": rng_states(),
-                   "config": {k: v for k, v in vars(self.args).items()
-                              if isinstance(v, (int, float, str, bool, type(None)))}}
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "global_step": self.global_step,
+            "step_in_epoch": self.global_step - self.epoch * self.plan.steps_per_epoch,
+            "global_batch_size": self.plan.global_batch_size,
+            "final": self.final,
+            "nonfinite_steps": self.nonfinite_total,
+            "rng": rng_states(),
+            "config": {
+                k: v
+                for k, v in vars(self.args).items()
+                if isinstance(v, (int, float, str, bool, type(None)))
+            },
+        }
         save_checkpoint(payload, self.args.log_dir, self.global_step, self.args.keep_checkpoints)
         self.watchdog.kick()
 
     # ----------------------------------------------------------------------------- reporting
     def config(self) -> dict:
         args = {k: v for k, v in vars(self.args).items() if not k.startswith("_")}
-        return {"args": args, "plan": asdict(self.plan), "backend": self.dist.name,
-                "device": str(self.device), "versions": versions(),
-                "threads": torch.get_num_threads()}
+        return {
+            "args": args,
+            "plan": asdict(self.plan),
+            "backend": self.dist.name,
+            "device": str(self.device),
+            "versions": versions(),
+            "threads": torch.get_num_threads(),
+        }
 
     def describe(self) -> None:
         r, plan, args = self.reporter, self.plan, self.args
         if self.dist.notice:
             r.print(self.dist.notice)
-        r.print(f"run: {args.dataset} {args.model} {args.base_op} on {plan.world_size} rank(s) "
-                f"({self.dist.name}, {self.device}); log dir {args.log_dir}")
-        r.print(f"global batch {plan.global_batch_size} = {args.batch_size} x {plan.world_size} "
-                f"x {args.batches_per_allreduce}; lr {plan.lr:.6g} ({args.lr_scaling} scaling of "
-                f"{args.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
-                f"steps, {plan.warmup_steps} warm-up steps, schedule {args.schedule}")
+        r.print(
+            f"run: {args.dataset} {args.model} {args.base_op} on {plan.world_size} rank(s) "
+            f"({self.dist.name}, {self.device}); log dir {args.log_dir}"
+        )
+        r.print(
+            f"global batch {plan.global_batch_size} = {args.batch_size} x {plan.world_size} "
+            f"x {args.batches_per_allreduce}; lr {plan.lr:.6g} ({args.lr_scaling} scaling of "
+            f"{args.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
+            f"steps, {plan.warmup_steps} warm-up steps, schedule {args.schedule}"
+        )
         r.print(param_group_summary(self.model, self.groups))
         if self.global_step:
-            r.print(f"resumed at step {self.global_step} (epoch {self.epoch + 1}, step "
-                    f"{self.global_step - self.epoch * plan.steps_per_epoch} of it)")
+            r.print(
+                f"resumed at step {self.global_step} (epoch {self.epoch + 1}, step "
+                f"{self.global_step - self.epoch * plan.steps_per_epoch} of it)"
+            )
 
     def eta(self, steps_per_second: float) -> float:
         remaining = min(self.args.max_steps or self.plan.total_steps, self.plan.total_steps)
@@ -230,8 +273,12 @@ class Run:
         if self.dist.rank != 0:
             return
         lr = self.optimizer.param_groups[0]["lr"]
-        values = {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": lr,
-                  "train/images_per_sec": images / max(seconds, 1e-9)}
+        values = {
+            "train/loss": stats["loss"],
+            "train/top1": stats["top1"],
+            "train/lr": lr,
+            "train/images_per_sec": images / max(seconds, 1e-9),
+        }
         trust = getattr(self.optimizer, "last_trust_ratios", None)
         if trust is not None:
             for param, ratio in trust():
@@ -245,26 +292,38 @@ class Run:
             f"epoch {self.epoch + 1}/{self.args.epochs} step {self.global_step}/"
             f"{self.plan.total_steps}: loss {stats['loss']:.4f} top1 {stats['top1']:.2f}% "
             f"lr {lr:.5g} {values['train/images_per_sec']:.1f} img/s "
-            f"ETA {format_duration(eta)}")
+            f"ETA {format_duration(eta)}"
+        )
 
     def report_bad_files(self, where: str, paths: list[str]) -> None:
         every = [p for rank_paths in self.dist.allgather_object(paths) for p in rank_paths]
         if every:
             shown = ", ".join(every[:5]) + (" ..." if len(every) > 5 else "")
-            self.reporter.print(f"warning: {len(every)} unreadable file(s) skipped in {where} "
-                                f"(epoch {self.epoch + 1}): {shown}")
+            self.reporter.print(
+                f"warning: {len(every)} unreadable file(s) skipped in {where} "
+                f"(epoch {self.epoch + 1}): {shown}"
+            )
 
     def validate(self) -> dict[str, float]:
-        metrics = evaluate(self.model, self.data.val, self.dist, self.device,
-                           progress=self.watchdog.kick, amp_dtype=self.amp_dtype,
-                           prepare=self.prepare,
-                           channels_last=self.args.channels_last)
+        metrics = evaluate(
+            self.model,
+            self.data.val,
+            self.dist,
+            self.device,
+            progress=self.watchdog.kick,
+            amp_dtype=self.amp_dtype,
+            prepare=self.prepare,
+            channels_last=self.args.channels_last,
+        )
         self.report_bad_files("validation", metrics.pop("bad_paths"))
-        self.reporter.scalars({f"val/{k}": metrics[k] for k in ("loss", "top1", "top5")},
-                              self.global_step)
-        self.reporter.print(f"epoch {self.epoch + 1}: val loss {metrics['loss']:.4f} top1 "
-                            f"{metrics['top1']:.2f}% top5 {metrics['top5']:.2f}% "
-                            f"({metrics['samples']} images)")
+        self.reporter.scalars(
+            {f"val/{k}": metrics[k] for k in ("loss", "top1", "top5")}, self.global_step
+        )
+        self.reporter.print(
+            f"epoch {self.epoch + 1}: val loss {metrics['loss']:.4f} top1 "
+            f"{metrics['top1']:.2f}% top5 {metrics['top5']:.2f}% "
+            f"({metrics['samples']} images)"
+        )
         return metrics
 
     # ----------------------------------------------------------------------------- the loop
@@ -274,16 +333,20 @@ class Run:
             return
         self.nonfinite_total += 1
         self.nonfinite_in_a_row += 1
-        self.reporter.print(f"warning: non-finite gradient at step {self.global_step}: step "
-                            f"skipped ({self.nonfinite_in_a_row} in a row, "
-                            f"{self.nonfinite_total} in all)")
+        self.reporter.print(
+            f"warning: non-finite gradient at step {self.global_step}: step "
+            f"skipped ({self.nonfinite_in_a_row} in a row, "
+            f"{self.nonfinite_total} in all)"
+        )
         if self.nonfinite_in_a_row >= self.args.max_nonfinite:
             self.save()  # skipped steps left the weights at the last good state
-            raise RunStopped(NONFINITE_EXIT_STATUS,
-                             f"{self.nonfinite_in_a_row} non-finite step(s) in a row at step "
-                             f"{self.global_step} (--nonfinite {self.args.nonfinite}, "
-                             f"--max-nonfinite {self.args.max_nonfinite}); the last good state "
-                             f"is checkpointed in {self.args.log_dir}")
+            raise RunStopped(
+                NONFINITE_EXIT_STATUS,
+                f"{self.nonfinite_in_a_row} non-finite step(s) in a row at step "
+                f"{self.global_step} (--nonfinite {self.args.nonfinite}, "
+                f"--max-nonfinite {self.args.max_nonfinite}); the last good state "
+                f"is checkpointed in {self.args.log_dir}",
+            )
 
     def train_epoch(self, meter: TrainMeter, stop: StopAgreement, max_steps: int) -> bool:
         """Train until the epoch ends, max_steps, or an agreed stop; True if it was a stop."""
@@ -303,14 +366,20 @@ class Run:
             if self.reporter.live:
                 elapsed = max(time.perf_counter() - epoch_started, 1e-9)
                 rate = (self.global_step - epoch_first_step) / elapsed
-                self.reporter.progress(self.epoch + 1, args.epochs, self.global_step,
-                                       plan.total_steps, rate * plan.global_batch_size,
-                                       self.eta(rate))
+                self.reporter.progress(
+                    self.epoch + 1,
+                    args.epochs,
+                    self.global_step,
+                    plan.total_steps,
+                    rate * plan.global_batch_size,
+                    self.eta(rate),
+                )
             self.count_step(finite)
             if self.global_step % args.log_interval == 0:
                 now = time.perf_counter()
-                self.log_train(meter, (self.global_step - tick_step) * plan.global_batch_size,
-                               now - tick)
+                self.log_train(
+                    meter, (self.global_step - tick_step) * plan.global_batch_size, now - tick
+                )
                 tick, tick_step = now, self.global_step
             if args.checkpoint_every_steps and self.global_step % args.checkpoint_every_steps == 0:
                 self.save()
@@ -318,8 +387,11 @@ class Run:
             if stopped or self.global_step >= max_steps:
                 break
         if self.global_step != tick_step:  # the steps since the last train log
-            self.log_train(meter, (self.global_step - tick_step) * plan.global_batch_size,
-                           time.perf_counter() - tick)
+            self.log_train(
+                meter,
+                (self.global_step - tick_step) * plan.global_batch_size,
+                time.perf_counter() - tick,
+            )
         self.report_bad_files("training", bad_paths)
         return stopped
 
@@ -329,8 +401,10 @@ class Run:
         self.reporter.save_config(self.config())
         max_steps = min(args.max_steps or plan.total_steps, plan.total_steps)
         if self.global_step >= max_steps:
-            self.reporter.print(f"nothing to do: the checkpoint in {args.log_dir} is at step "
-                                f"{self.global_step}; final {self.final}")
+            self.reporter.print(
+                f"nothing to do: the checkpoint in {args.log_dir} is at step "
+                f"{self.global_step}; final {self.final}"
+            )
             return self.final
         meter, started = TrainMeter(self.device), time.perf_counter()
         handler = self.preemption
@@ -343,10 +417,12 @@ class Run:
                 if stopped:
                     stop.drain()
                     self.save()
-                    raise RunStopped(REQUEUE_EXIT_STATUS,
-                                     f"stopped by signal {handler.received} at step "
-                                     f"{self.global_step}; checkpoint in {args.log_dir}; run the "
-                                     "same command again to resume")
+                    raise RunStopped(
+                        REQUEUE_EXIT_STATUS,
+                        f"stopped by signal {handler.received} at step "
+                        f"{self.global_step}; checkpoint in {args.log_dir}; run the "
+                        "same command again to resume",
+                    )
                 metrics = self.validate()
                 self.final = {"epoch": self.epoch + 1, "step": self.global_step, **metrics}
                 if self.global_step % plan.steps_per_epoch == 0:
@@ -354,21 +430,31 @@ class Run:
                 self.save()
             stop.drain()
             self.reporter.hparams(
-                {k: v for k, v in vars(args).items() if not k.startswith("_")
-                 and k not in ("log_dir", "resume", "train_dir", "val_dir", "data_dir")},
-                {"hparam/val_top1": self.final["top1"], "hparam/val_loss": self.final["loss"]})
+                {
+                    k: v
+                    for k, v in vars(args).items()
+                    if not k.startswith("_")
+                    and k not in ("log_dir", "resume", "train_dir", "val_dir", "data_dir")
+                },
+                {"hparam/val_top1": self.final["top1"], "hparam/val_loss": self.final["loss"]},
+            )
         except CorruptSampleError as error:
             # From a DataLoader worker the message carries the worker's traceback: keep our line.
             lines = [line for line in str(error).splitlines() if "unreadable file" in line]
             text = lines[-1] if lines else str(error)
-            raise UsageError(text[text.find("unreadable file"):]) from None
+            raise UsageError(text[text.find("unreadable file") :]) from None
         finally:
             self.watchdog.stop()
-        self.reporter.print(f"done: {self.global_step} steps in "
-                            f"{time.perf_counter() - started:.1f} s; final val top1 "
-                            f"{self.final['top1']:.2f}% loss {self.final['loss']:.4f}"
-                            + (f"; {self.nonfinite_total} non-finite step(s) skipped"
-                               if self.nonfinite_total else ""))
+        self.reporter.print(
+            f"done: {self.global_step} steps in "
+            f"{time.perf_counter() - started:.1f} s; final val top1 "
+            f"{self.final['top1']:.2f}% loss {self.final['loss']:.4f}"
+            + (
+                f"; {self.nonfinite_total} non-finite step(s) skipped"
+                if self.nonfinite_total
+                else ""
+            )
+        )
         return self.final
 
     def close(self) -> None:

@@ -38,8 +38,9 @@ def run_script(args, np: int = 1, timeout: int = 300, script=SCRIPT, env=None):
     if np > 1:
         command = [str(MPIRUN), str(np), *command]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def check_ok(result) -> str:

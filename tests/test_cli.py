@@ -27,21 +27,24 @@ def _fails_with_usage_error(argv, capsys, needle: str) -> None:
     assert lines and needle in lines[-1], err
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--train-dir", "/nonexistent/train", "--val-dir", "/nonexistent/val"], "--train-dir"),
-    (["--train-dir", "/tmp"], "--val-dir"),
-    (["--model", "resnet5000"], "--model"),
-    (["--base-op", "lion"], "--base-op"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--batch-size", "-3"], "--batch-size"),
-    (["--batches-per-allreduce", "0"], "--batches-per-allreduce"),
-    (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
-    (["--base-op", "tvlars", "--schedule", "poly"], "tvlars"),
-    (["--momentum", "1.5"], "--momentum"),
-    (["--base-op", "tvlars", "--warmup-epochs", "1"], "--schedule none"),
-    (["--lr-scaling", "cubic"], "--lr-scaling"),
-    (["--resume", "/nonexistent.pt"], "--resume"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--train-dir", "/nonexistent/train", "--val-dir", "/nonexistent/val"], "--train-dir"),
+        (["--train-dir", "/tmp"], "--val-dir"),
+        (["--model", "resnet5000"], "--model"),
+        (["--base-op", "lion"], "--base-op"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-3"], "--batch-size"),
+        (["--batches-per-allreduce", "0"], "--batches-per-allreduce"),
+        (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
+        (["--base-op", "tvlars", "--schedule", "poly"], "tvlars"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--base-op", "tvlars", "--warmup-epochs", "1"], "--schedule none"),
+        (["--lr-scaling", "cubic"], "--lr-scaling"),
+        (["--resume", "/nonexistent.pt"], "--resume"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     _fails_with_usage_error(argv, capsys, needle)
 
@@ -61,9 +64,21 @@ def test_empty_class_folder_is_reported(tmp_path, sample_root, capsys):
     (tmp_path / "train" / "empty_class").mkdir()
     (tmp_path / "val" / "empty_class").mkdir()
     _fails_with_usage_error(
-        ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "val"),
-         "--model", "tinycnn", "--log-dir", str(tmp_path / "run"), "--resume", "none"],
-        capsys, "empty_class")
+        [
+            "--train-dir",
+            str(tmp_path / "train"),
+            "--val-dir",
+            str(tmp_path / "val"),
+            "--model",
+            "tinycnn",
+            "--log-dir",
+            str(tmp_path / "run"),
+            "--resume",
+            "none",
+        ],
+        capsys,
+        "empty_class",
+    )
 
 
 def test_class_lists_must_match(tmp_path, sample_root, capsys):
@@ -73,9 +88,21 @@ def test_class_lists_must_match(tmp_path, sample_root, capsys):
     shutil.copytree(sample_root / "val", tmp_path / "val")
     shutil.rmtree(tmp_path / "val" / "7")
     _fails_with_usage_error(
-        ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "val"),
-         "--model", "tinycnn", "--log-dir", str(tmp_path / "run"), "--resume", "none"],
-        capsys, "different class folders")
+        [
+            "--train-dir",
+            str(tmp_path / "train"),
+            "--val-dir",
+            str(tmp_path / "val"),
+            "--model",
+            "tinycnn",
+            "--log-dir",
+            str(tmp_path / "run"),
+            "--resume",
+            "none",
+        ],
+        capsys,
+        "different class folders",
+    )
 
 
 def test_bad_input_as_a_real_process():
@@ -104,21 +131,25 @@ def test_dataset_dependent_defaults():
 
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("base-op: lamb\nbatch_size: 16\nwarmup-epochs: 0.25\nhflip: true\n"
-                      "--schedule: cosine\n")
+    config.write_text(
+        "base-op: lamb\nbatch_size: 16\nwarmup-epochs: 0.25\nhflip: true\n--schedule: cosine\n"
+    )
     args = parse_args(["--config", str(config), "--batch-size", "8"])
     assert (args.base_op, args.batch_size, args.warmup_epochs) == ("lamb", 8, 0.25)
     assert args.schedule == "cosine" and args.hflip is True and args.base_lr == 0.01
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("base-op: lion\n", "lion"),
-    ("batch-sise: 3\n", "batch-sise"),
-    ("epochs: many\n", "epochs"),
-    ("- just\n- a list\n", "mapping"),
-    ("base-op: [unclosed\n", "YAML"),
-    ("batch-size: 0\n", "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("base-op: lion\n", "lion"),
+        ("batch-sise: 3\n", "batch-sise"),
+        ("epochs: many\n", "epochs"),
+        ("- just\n- a list\n", "mapping"),
+        ("base-op: [unclosed\n", "YAML"),
+        ("batch-size: 0\n", "--batch-size"),
+    ],
+)
 def test_bad_config_files_exit_2(tmp_path, capsys, text, needle):
     config = tmp_path / "bad.yaml"
     config.write_text(text)
@@ -142,9 +173,27 @@ def test_resolved_configuration_from_a_file_is_saved(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
-    status = main(["--dry-run", "--ranks", "8", "--batch-size", "4", "--batches-per-allreduce",
-                   "2", "--lr-scaling", "linear", "--base-lr", "0.1", "--epochs", "10",
-                   "--warmup-epochs", "2", "--log-dir", str(tmp_path / "run")])
+    status = main(
+        [
+            "--dry-run",
+            "--ranks",
+            "8",
+            "--batch-size",
+            "4",
+            "--batches-per-allreduce",
+            "2",
+            "--lr-scaling",
+            "linear",
+            "--base-lr",
+            "0.1",
+            "--epochs",
+            "10",
+            "--warmup-epochs",
+            "2",
+            "--log-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0
     # 1438 images / 8 ranks -> 180 per rank -> 45 micro-batches -> 22 steps per epoch
@@ -167,9 +216,22 @@ def test_progress_bar_on_a_terminal(tmp_path):
 
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--model", "tinycnn", "--max-steps", "12", "--workers",
-         "0", "--log-dir", str(tmp_path / "run")],
-        cwd=ROOT, stdout=terminal, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model",
+            "tinycnn",
+            "--max-steps",
+            "12",
+            "--workers",
+            "0",
+            "--log-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        stdout=terminal,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(terminal)
     chunks = []
     while True:
@@ -191,7 +253,20 @@ def test_no_progress_bar_under_mpirun_or_in_a_log(tmp_path):
     from conftest import require_distributed
 
     require_distributed()
-    out = run_script(["--model", "tinycnn", "--max-steps", "3", "--workers", "0",
-                      "--log-interval", "1", "--log-dir", tmp_path / "run"], np=2)
+    out = run_script(
+        [
+            "--model",
+            "tinycnn",
+            "--max-steps",
+            "3",
+            "--workers",
+            "0",
+            "--log-interval",
+            "1",
+            "--log-dir",
+            tmp_path / "run",
+        ],
+        np=2,
+    )
     assert out.returncode == 0, out.stderr
     assert "\r" not in out.stdout and "step 3/" in out.stdout

@@ -391,9 +391,26 @@ def test_trainer_trains_on_the_archive_formats(tmp_path, name, as_archive):
         write_cifar(data_dir, name, tarball=as_archive)
     else:
         write_tiny(data_dir, as_zip=as_archive)
-    out = check_ok(run_script(["--dataset", name, "--data-dir", data_dir, "--model", "tinycnn",
-                               "--batch-size", "2", "--max-steps", "2", "--workers", "0",
-                               "--log-dir", tmp_path / "run"]))
+    out = check_ok(
+        run_script(
+            [
+                "--dataset",
+                name,
+                "--data-dir",
+                data_dir,
+                "--model",
+                "tinycnn",
+                "--batch-size",
+                "2",
+                "--max-steps",
+                "2",
+                "--workers",
+                "0",
+                "--log-dir",
+                tmp_path / "run",
+            ]
+        )
+    )
     size = 32 if name == "cifar10" else 64
     assert f"run: {name} tinycnn" in out and "done: 2 steps" in out
     from lars.config import parse_args
@@ -410,6 +427,17 @@ def test_archive_dataset_flags_are_checked(tmp_path, capsys):
     assert main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "nowhere")]) == 2
     assert "--data-dir" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"),
-                 "--log-dir", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(tmp_path / "empty"),
+                "--log-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "cifar-10" in capsys.readouterr().err

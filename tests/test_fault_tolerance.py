@@ -110,8 +110,9 @@ def _wait_for_training(process, log_dir, ranks, timeout=120):
             break
         assert time.time() < deadline, "training did not start"
     else:
-        raise AssertionError("the run ended before training:\n" + "".join(seen)
-                             + process.stderr.read())
+        raise AssertionError(
+            "the run ended before training:\n" + "".join(seen) + process.stderr.read()
+        )
     pids = []
     while len(pids) != ranks and time.time() < deadline:
         pids = _rank_pids(log_dir)

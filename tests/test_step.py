@@ -18,8 +18,11 @@ def _checkpoint(log_dir):
 
 @pytest.mark.parametrize("extra", [["--amp", "bf16"], ["--amp", "fp16"], ["--channels-last"]])
 def test_precision_and_memory_format_variants_train(tmp_path, extra):
-    out = check_ok(run_script([*TINY, "--max-steps", "3", "--batch-size", "16", *extra,
-                               "--log-dir", tmp_path / "run"]))
+    out = check_ok(
+        run_script(
+            [*TINY, "--max-steps", "3", "--batch-size", "16", *extra, "--log-dir", tmp_path / "run"]
+        )
+    )
     assert "done: 3 steps" in out
     state = _checkpoint(tmp_path / "run")
     assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -30,8 +33,20 @@ def test_precision_and_memory_format_variants_train(tmp_path, extra):
 
 
 def test_fp16_resume_restores_the_scaler(tmp_path):
-    common = ["--model", "tinycnn", "--workers", "0", "--threads", "1", "--amp", "fp16",
-              "--batch-size", "16", "--log-dir", tmp_path / "run"]
+    common = [
+        "--model",
+        "tinycnn",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--amp",
+        "fp16",
+        "--batch-size",
+        "16",
+        "--log-dir",
+        tmp_path / "run",
+    ]
     check_ok(run_script([*common, "--max-steps", "2"]))
     assert _checkpoint(tmp_path / "run")["scaler"]["scale"] > 0
     out = check_ok(run_script([*common, "--max-steps", "4"]))
@@ -46,11 +61,37 @@ def test_clipping_acts_on_the_averaged_gradient(tmp_path, backend):
     clip norm. Clipping each rank's gradient before averaging would move them by less."""
     require_distributed()
     clip = 1e-3
-    check_ok(run_script([*TINY, "--base-op", "sgd", "--base-lr", "1", "--momentum", "0",
-                         "--wd", "0", "--schedule", "constant", "--warmup-epochs", "0",
-                         "--max-steps", "1", "--batch-size", "16", "--clip-grad-norm", clip,
-                         "--backend", backend, "--channels-last", "--log-dir", tmp_path / "run"],
-                        np=2))
+    check_ok(
+        run_script(
+            [
+                *TINY,
+                "--base-op",
+                "sgd",
+                "--base-lr",
+                "1",
+                "--momentum",
+                "0",
+                "--wd",
+                "0",
+                "--schedule",
+                "constant",
+                "--warmup-epochs",
+                "0",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "16",
+                "--clip-grad-norm",
+                clip,
+                "--backend",
+                backend,
+                "--channels-last",
+                "--log-dir",
+                tmp_path / "run",
+            ],
+            np=2,
+        )
+    )
     torch.manual_seed(42)  # the trainer's --seed: the same initial weights
     initial = build_model("tinycnn", 10).state_dict()
     after = _checkpoint(tmp_path / "run")["model"]

@@ -77,7 +77,8 @@ class RobustDataset(Dataset):
             if self.strict:
                 raise CorruptSampleError(
                     f"unreadable file {path}: {message} "
-                    "(remove it, or drop --strict-data to skip such files)") from None
+                    "(remove it, or drop --strict-data to skip such files)"
+                ) from None
             return BadSample(path, message)
 
 
@@ -149,12 +150,14 @@ def val_transform(image_size: int, crop_ratio: float = 0.875):
     """Resize the short side to image_size / crop_ratio, then centre-crop image_size: 0.875 is
     the ImageNet standard (224 of 256); 1.0 keeps 32-64 px datasets at their native size."""
     resize = int(round(image_size / crop_ratio))
-    return transforms.Compose([
-        transforms.Resize(resize),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(resize),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 @dataclass
@@ -205,19 +208,32 @@ def build_datasets(cfg: DataConfig):
     """Return (train, val, classes). Raises FileNotFoundError/ValueError naming the bad input."""
     if cfg.synthetic:
         train = SyntheticImages(cfg.synthetic_size, cfg.image_size, cfg.synthetic_classes)
-        val = SyntheticImages(max(cfg.synthetic_size // 8, 1), cfg.image_size,
-                              cfg.synthetic_classes)
+        val = SyntheticImages(
+            max(cfg.synthetic_size // 8, 1), cfg.image_size, cfg.synthetic_classes
+        )
         return train, val, [str(i) for i in range(cfg.synthetic_classes)]
     train_tf = train_transform(cfg.image_size, cfg.min_crop_scale, cfg.hflip)
     val_tf = val_transform(cfg.image_size, cfg.val_crop_ratio)
     if cfg.dataset in ARCHIVE_DATASETS:
         return build_archive_datasets(cfg.dataset, cfg.data_dir, train_tf, val_tf)
     if cfg.fast_jpeg:  # uint8 crops, normalised on the device by normalize_batch
-        train = _image_folder(cfg.train_dir, None, "train", fast=dict(
-            train=True, image_size=cfg.image_size, min_crop_scale=cfg.min_crop_scale,
-            hflip=cfg.hflip))
-        val = _image_folder(cfg.val_dir, None, "val", fast=dict(
-            train=False, image_size=cfg.image_size, crop_ratio=cfg.val_crop_ratio))
+        train = _image_folder(
+            cfg.train_dir,
+            None,
+            "train",
+            fast=dict(
+                train=True,
+                image_size=cfg.image_size,
+                min_crop_scale=cfg.min_crop_scale,
+                hflip=cfg.hflip,
+            ),
+        )
+        val = _image_folder(
+            cfg.val_dir,
+            None,
+            "val",
+            fast=dict(train=False, image_size=cfg.image_size, crop_ratio=cfg.val_crop_ratio),
+        )
     else:
         train = _image_folder(cfg.train_dir, train_tf, "train")
         val = _image_folder(cfg.val_dir, val_tf, "val")
@@ -231,18 +247,35 @@ def build_datasets(cfg: DataConfig):
     return train, val, train.classes
 
 
-def build_loaders(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool,
-                  datasets_=None) -> Loaders:
+def build_loaders(
+    cfg: DataConfig, rank: int, world_size: int, pin_memory: bool, datasets_=None
+) -> Loaders:
     """Loaders over `datasets_` (train, val, classes), or over `build_datasets(cfg)`."""
     train, val, classes = datasets_ if datasets_ is not None else build_datasets(cfg)
-    train_sampler = EpochTaggedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
-                                       seed=cfg.seed)
+    train_sampler = EpochTaggedSampler(
+        train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed
+    )
     common = dict(**loader_settings(cfg.workers, pin_memory), collate_fn=collate_skipping_bad)
-    train_loader = DataLoader(RobustDataset(train, cfg.seed, cfg.strict_data),
-                              batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True,
-                              **common)
-    val_loader = DataLoader(RobustDataset(val, cfg.seed, cfg.strict_data),
-                            batch_size=cfg.val_batch_size,
-                            sampler=ShardSampler(len(val), rank, world_size), **common)
-    return Loaders(train_loader, val_loader, train_sampler, len(classes), classes,
-                   len(train), len(val), uint8=isinstance(train, FastImageFolder))
+    train_loader = DataLoader(
+        RobustDataset(train, cfg.seed, cfg.strict_data),
+        batch_size=cfg.batch_size,
+        sampler=train_sampler,
+        drop_last=True,
+        **common,
+    )
+    val_loader = DataLoader(
+        RobustDataset(val, cfg.seed, cfg.strict_data),
+        batch_size=cfg.val_batch_size,
+        sampler=ShardSampler(len(val), rank, world_size),
+        **common,
+    )
+    return Loaders(
+        train_loader,
+        val_loader,
+        train_sampler,
+        len(classes),
+        classes,
+        len(train),
+        len(val),
+        uint8=isinstance(train, FastImageFolder),
+    )
