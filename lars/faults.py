@@ -13,39 +13,32 @@ s + 1, so it never waits on the network; a stop therefore happens one step after
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
 import torch
 
-REQUEUE_EXIT_STATUS = 3  # preempted: checkpoint written, run again to resume
+from lars.signals import (  # re-exported: the trainer and tests take them from here
+    PREEMPTION_SIGNALS,
+    REQUEUE_EXIT_STATUS,
+    PreemptionHandler,
+    install_preemption_handler,
+)
+
+__all__ = [
+    "NONFINITE_EXIT_STATUS",
+    "PREEMPTION_SIGNALS",
+    "REQUEUE_EXIT_STATUS",
+    "STALL_EXIT_STATUS",
+    "PreemptionHandler",
+    "StopAgreement",
+    "Watchdog",
+    "grads_are_finite",
+    "install_preemption_handler",
+    "params_are_finite",
+]
+
 NONFINITE_EXIT_STATUS = 4  # --nonfinite abort: too many non-finite steps in a row
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class PreemptionHandler:
-    """Records SIGTERM/SIGUSR1; the second one exits the process immediately."""
-
-    def __init__(self, signals=PREEMPTION_SIGNALS) -> None:
-        self.signals = signals
-        self.received: int | None = None
-        self._previous = {}
-
-    def install(self) -> PreemptionHandler:
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            os._exit(128 + signum)
-        self.received = signum
 
 
 class StopAgreement:

@@ -39,9 +39,9 @@ from lars.distributed import init_distributed, launched_rank
 from lars.faults import (
     NONFINITE_EXIT_STATUS,
     REQUEUE_EXIT_STATUS,
-    PreemptionHandler,
     StopAgreement,
     Watchdog,
+    install_preemption_handler,
     params_are_finite,
 )
 from lars.metrics import TrainMeter, evaluate
@@ -69,7 +69,7 @@ class Run:
     def __init__(self, args) -> None:
         self.args = args
         # Installed first, so a preemption signal during start-up is not lost.
-        self.preemption = PreemptionHandler().install()
+        self.preemption = install_preemption_handler()
         cuda = torch.cuda.is_available() and not args.no_cuda
         # The data is checked before the distributed runtime starts: bad input costs nothing.
         if args.dataset == "sample":  # built on first use; safe when all ranks start at once
