@@ -41,6 +41,25 @@ class CorruptSampleError(Exception):
     """A file that cannot be decoded, raised with --strict-data."""
 
 
+class DataBackendError(ValueError):
+    """A data backend that cannot serve this run (not installed, or the wrong kind of data).
+
+    A ValueError, so the trainer reports it like other bad data input: one line, exit status 2.
+    """
+
+
+BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
+
+
+def data_backend(cfg) -> str:
+    """The backend `cfg` asks for; `synthetic=True` (the --synthetic flag) means "synthetic"."""
+    if cfg.backend not in BACKENDS:
+        raise DataBackendError(
+            f"--data-backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}"
+        )
+    return "synthetic" if cfg.synthetic else cfg.backend
+
+
 @dataclass
 class BadSample:
     path: str
@@ -179,6 +198,10 @@ class DataConfig:
     val_crop_ratio: float = 0.875
     synthetic_size: int = 4096
     synthetic_classes: int = 1000
+    # pytorch (DataLoader workers; lars.data.fast for ImageFolder trees) | dali-cpu | dali-gpu
+    # (NVIDIA DALI pipelines, lars.data.dali) | synthetic (random tensors, no files read).
+    backend: str = "pytorch"
+    device_id: int | None = None  # dali-gpu: the CUDA device of this rank (its local rank)
 
 
 @dataclass
@@ -205,8 +228,17 @@ def _image_folder(root: str, transform, role: str, fast: dict | None = None):
 
 
 def build_datasets(cfg: DataConfig):
-    """Return (train, val, classes). Raises FileNotFoundError/ValueError naming the bad input."""
-    if cfg.synthetic:
+    """Return (train, val, classes). Raises FileNotFoundError/ValueError naming the bad input.
+
+    For the DALI backends the datasets are torchvision ImageFolder scans (file lists and labels;
+    nothing is decoded here) after a check that DALI is installed.
+    """
+    backend = data_backend(cfg)
+    if backend.startswith("dali"):
+        from lars.data import dali
+
+        return dali.build_datasets(cfg)
+    if backend == "synthetic":
         train = SyntheticImages(cfg.synthetic_size, cfg.image_size, cfg.synthetic_classes)
         val = SyntheticImages(
             max(cfg.synthetic_size // 8, 1), cfg.image_size, cfg.synthetic_classes
@@ -250,8 +282,16 @@ def build_datasets(cfg: DataConfig):
 def build_loaders(
     cfg: DataConfig, rank: int, world_size: int, pin_memory: bool, datasets_=None
 ) -> Loaders:
-    """Loaders over `datasets_` (train, val, classes), or over `build_datasets(cfg)`."""
+    """Loaders over `datasets_` (train, val, classes), or over `build_datasets(cfg)`.
+
+    Dispatches on `data_backend(cfg)`: the DALI backends return `lars.data.dali` loaders with the
+    same `Loaders` fields and batches.
+    """
     train, val, classes = datasets_ if datasets_ is not None else build_datasets(cfg)
+    if data_backend(cfg).startswith("dali"):
+        from lars.data import dali
+
+        return dali.build_loaders(cfg, rank, world_size, (train, val, classes))
     train_sampler = EpochTaggedSampler(
         train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed
     )
