@@ -216,7 +216,9 @@ class Loaders:
     uint8: bool  # batches hold uint8 images for normalize_batch on the device
 
 
-def _image_folder(root: str, transform, role: str, fast: dict | None = None):
+def image_folder(root: str, role: str, transform=None, fast: dict | None = None):
+    """torchvision's ImageFolder over `root` (FastImageFolder with `fast`), or
+    FileNotFoundError naming the flag --{role}-dir."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--{role}-dir {root!r} is not a directory")
     try:
@@ -249,9 +251,8 @@ def build_datasets(cfg: DataConfig):
     if cfg.dataset in ARCHIVE_DATASETS:
         return build_archive_datasets(cfg.dataset, cfg.data_dir, train_tf, val_tf)
     if cfg.fast_jpeg:  # uint8 crops, normalised on the device by normalize_batch
-        train = _image_folder(
+        train = image_folder(
             cfg.train_dir,
-            None,
             "train",
             fast=dict(
                 train=True,
@@ -260,15 +261,19 @@ def build_datasets(cfg: DataConfig):
                 hflip=cfg.hflip,
             ),
         )
-        val = _image_folder(
+        val = image_folder(
             cfg.val_dir,
-            None,
             "val",
             fast=dict(train=False, image_size=cfg.image_size, crop_ratio=cfg.val_crop_ratio),
         )
     else:
-        train = _image_folder(cfg.train_dir, train_tf, "train")
-        val = _image_folder(cfg.val_dir, val_tf, "val")
+        train = image_folder(cfg.train_dir, "train", train_tf)
+        val = image_folder(cfg.val_dir, "val", val_tf)
+    check_same_classes(train, val)
+    return train, val, train.classes
+
+
+def check_same_classes(train, val) -> None:
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))[:5]
         only_val = sorted(set(val.classes) - set(train.classes))[:5]
@@ -276,7 +281,6 @@ def build_datasets(cfg: DataConfig):
             f"--train-dir and --val-dir have different class folders "
             f"(only in train: {only_train}, only in val: {only_val})"
         )
-    return train, val, train.classes
 
 
 def build_loaders(
@@ -291,7 +295,7 @@ def build_loaders(
     if data_backend(cfg).startswith("dali"):
         from lars.data import dali
 
-        return dali.build_loaders(cfg, rank, world_size, (train, val, classes))
+        return dali.build_loaders(cfg, rank, world_size, pin_memory, (train, val, classes))
     train_sampler = EpochTaggedSampler(
         train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed
     )
