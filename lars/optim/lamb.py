@@ -1,6 +1,6 @@
 """LAMB: layer-wise adaptive moments (You, Li, Reddi, Hseu, Kumar, Bhojanapalli, Song, Demmel,
 Keutzer & Hsieh 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
-ICLR 2020, arXiv:1904.00962, Algorithm 2 with bias correction).
+ICLR 2020, arXiv:1904.00962, Algorithm 2 with bias correction), and the published variants.
 
 Per parameter tensor w with gradient g, at the t-th step (t = 1 on the first step)::
 
@@ -8,36 +8,37 @@ Per parameter tensor w with gradient g, at the t-th step (t = 1 on the first ste
     r     = (mo / (1 - b1^t)) / (sqrt(ve / (1 - b2^t)) + eps) + wd * w
     trust = ||w|| / ||r||   if ||w|| > 0 and ||r|| > 0, else 1
     w     = w - lr * trust * r
+
+The variants ``nus`` and ``authors`` (equations in :mod:`lars.optim._lamb_rules`) reproduce the
+LAMB of LARS-ImageNet-PyTorch and of the TVLARS authors' repository.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .lars import (
+from . import _lamb_rules
+from ._common import (
     ParamsT,
     TrustRecords,
+    VariantDefaults,
+    as_real,
     check_arg,
     check_lr,
-    increment_steps,
+    check_variant,
+    group_tensors,
     record_trust_ratios,
     resolve_foreach,
-    step_dtype,
+    resolve_variant_args,
+    step_on_device,
 )
 
-__all__ = ["LAMB", "lamb"]
-
-try:  # device types with fused Adam kernels (CPU among them since torch 2.4)
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    _FUSED_DEVICES: list[str] | None = _get_fused_kernels_supported_devices()
-except ImportError:  # older torch: the unfused multi-tensor path only
-    _FUSED_DEVICES = None
+__all__ = ["LAMB", "lamb", "global_grad_norm"]
 
 
 class LAMB(Optimizer):
@@ -51,12 +52,18 @@ class LAMB(Optimizer):
         trust = ||w|| / ||r||  if ||w|| > 0 and ||r|| > 0, else 1   (1 when layer_adaptation=False)
         w     = w - lr * trust * r
 
-    With ``eps=0`` a tensor whose gradients have all been zero would give 0 / 0; its denominator is
-    then clamped to the dtype's smallest normal number so that r = 0 (one extra pass, only when
-    eps == 0).
+    Variants (``VARIANTS``, the first is the default):
 
-    The multi-tensor path computes r with Adam's fused kernel where the device has one (and
-    eps > 0), else with unfused ``torch._foreach_*`` ops; both are tested against the loop.
+    - ``you2020``: the paper, as above.
+    - ``nus``: LARS-ImageNet-PyTorch: all the optimizer's gradients scaled by
+      min(1, max_grad_norm / (N + 1e-6)), N their global norm (``max_grad_norm`` 1 by default;
+      ``p.grad`` is not written), no bias correction, and a trust ratio only when wd != 0.
+    - ``authors``: the TVLARS repository: no bias correction, trust = min(||w||, norm_clip) /
+      ||r|| (``norm_clip`` 10 by default).
+
+    With ``eps=0`` a tensor whose gradients have all been zero would give 0 / 0; its denominator is
+    then clamped to the dtype's smallest normal number so that r = 0. Complex parameters are
+    updated as pairs of real numbers (``torch.view_as_real``), as torch.optim's Adam does.
 
     Args:
         params: tensors or param groups; a group may set ``layer_adaptation=False``.
@@ -64,8 +71,32 @@ class LAMB(Optimizer):
         betas: (beta1, beta2), each in [0, 1).
         eps: added to the denominator (>= 0).
         weight_decay: coefficient of w in r (>= 0).
+        variant: one of ``VARIANTS`` (``None``: the first).
+        max_grad_norm: ``nus`` only; norm_clip: ``authors`` only. ``None`` takes the variant's
+            default (``VARIANT_DEFAULTS``), ``inf`` switches the clamp off.
         foreach: use the multi-tensor path (default, ``None``) or the per-tensor loop (``False``).
+        fused: on the multi-tensor path, compute ``you2020``'s r with Adam's fused kernel where
+            the device has one, eps > 0 and every gradient and state tensor has its parameter's
+            strides (default, ``None`` or ``True``); ``False``: unfused ``torch._foreach_*`` ops.
     """
+
+    VARIANTS: ClassVar[tuple[str, ...]] = ("you2020", "nus", "authors")
+    VARIANT_DEFAULTS: ClassVar[VariantDefaults] = {
+        "you2020": {},
+        "nus": {"max_grad_norm": 1.0},
+        "authors": {"norm_clip": 10.0},
+    }
+    _OPTION_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.0,
+        layer_adaptation=True,
+        foreach=None,
+        fused=None,
+        variant="you2020",
+        max_grad_norm=None,
+        norm_clip=None,
+    )
 
     def __init__(
         self,
@@ -75,7 +106,11 @@ class LAMB(Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         *,
+        variant: str | None = None,
+        max_grad_norm: float | None = None,
+        norm_clip: float | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -84,14 +119,20 @@ class LAMB(Optimizer):
             weight_decay=weight_decay,
             layer_adaptation=True,
             foreach=foreach,
+            fused=fused,
+            variant=self.VARIANTS[0] if variant is None else variant,
+            max_grad_norm=max_grad_norm,
+            norm_clip=norm_clip,
         )
         self._check_group(defaults, None)
         self._trust_records: TrustRecords = []
+        self._owners: dict[int, Tensor] = {}
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _check_group(group: dict[str, Any], group_index: int | None) -> None:
+    @classmethod
+    def _check_group(cls, group: dict[str, Any], group_index: int | None) -> None:
         check_lr(group["lr"], group_index)
+        check_variant(group, cls.VARIANTS, cls.VARIANT_DEFAULTS)
         betas = group["betas"]
         check_arg("betas", betas, len(betas) == 2, "a pair (beta1, beta2)")
         for name, beta in zip(("betas[0]", "betas[1]"), betas):
@@ -102,8 +143,10 @@ class LAMB(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
         try:
-            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            resolve_variant_args(group, self.VARIANT_DEFAULTS)
+            self._check_group(group, len(self.param_groups) - 1)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -111,72 +154,66 @@ class LAMB(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("betas", (0.9, 0.999))
-            group.setdefault("eps", 1e-6)
-            group.setdefault("weight_decay", 0.0)
-            group.setdefault("layer_adaptation", True)
-            group.setdefault("foreach", None)
+            for key, value in self._OPTION_DEFAULTS.items():
+                group.setdefault(key, value)
             for p in group["params"]:
                 step = self.state.get(p, {}).get("step")
                 if step is not None and not torch.is_tensor(step):
                     self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
-        self._trust_records = []
+        self._trust_records, self._owners = [], {}
 
     def last_trust_ratios(self) -> list[tuple[Tensor, Tensor]]:
         """(param, 0-dim trust ratio) for every adapted param updated by the last ``step()``."""
-        return record_trust_ratios(self._trust_records)
+        return record_trust_ratios(self._trust_records, self._owners)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        steps: list[Tensor],
-    ) -> None:
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+        """Params with a gradient, their gradients, moments and step counts (real views of
+        complex tensors)."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("LAMB does not support sparse gradients")
             state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != p.device:  # e.g. loaded with map_location="cpu"
-                state["step"] = state["step"].to(p.device)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+            view = as_real(p)
+            if view is not p:
+                self._owners[id(view)] = p
+            params.append(view)
+            grads.append(as_real(p.grad))
+            exp_avgs.append(as_real(state["exp_avg"]))
+            exp_avg_sqs.append(as_real(state["exp_avg_sq"]))
+            steps.append(step_on_device(state, p))
+        return params, grads, exp_avgs, exp_avg_sqs, steps
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        """Perform one step; ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Under Horovod the trainer calls ``step()`` after ``synchronize()``, so the global norm of
+        ``nus`` is that of the averaged gradients."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._owners = {}
+        work = [(group, self._init_group(group)) for group in self.param_groups]
+        work = [(group, lists) for group, lists in work if lists[0]]
+        norm = None
+        if any(group["variant"] == "nus" for group, _ in work):
+            all_grads = [g for _, lists in work for g in lists[1]]
+            norm = global_grad_norm(all_grads, foreach=resolve_foreach(work[0][0]["foreach"]))
         records: TrustRecords = []
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
-            if not params:
-                continue
+        for group, lists in work:
+            scale = None
+            if group["variant"] == "nus":  # clip_grad_norm_'s coefficient, without writing p.grad
+                scale = (group["max_grad_norm"] / (norm + 1e-6)).clamp_(max=1.0)
             beta1, beta2 = group["betas"]
             records += lamb(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
+                *lists,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -184,9 +221,29 @@ class LAMB(Optimizer):
                 weight_decay=group["weight_decay"],
                 layer_adaptation=group["layer_adaptation"],
                 foreach=group["foreach"],
+                fused=group["fused"],
+                rule=group["variant"],
+                norm_clip=group["norm_clip"],
+                grad_scale=scale,
             )
         self._trust_records = records
         return loss
+
+
+def global_grad_norm(grads: list[Tensor], *, foreach: bool = True) -> Tensor:
+    """sqrt(sum of ||g||^2) over all ``grads`` as a 0-dim float32 (or float64) tensor on the first
+    gradient's device, computed per (device, dtype) bucket as ``clip_grad_norm_`` does; no sync."""
+    first = grads[0].device
+    parts = []
+    for (_, dtype), (bucket,) in group_tensors([grads]).items():
+        norms = (
+            torch._foreach_norm(bucket)
+            if foreach
+            else [torch.linalg.vector_norm(g) for g in bucket]
+        )
+        acc = torch.promote_types(dtype, torch.float32)
+        parts.append(torch.linalg.vector_norm(torch.stack(norms).to(acc)).to(first))
+    return torch.linalg.vector_norm(torch.stack([p.to(parts[0].dtype) for p in parts]))
 
 
 def lamb(
@@ -203,183 +260,28 @@ def lamb(
     weight_decay: float,
     layer_adaptation: bool = True,
     foreach: bool | None = None,
+    fused: bool | None = None,
+    rule: str = "you2020",
+    norm_clip: float | None = None,
+    grad_scale: Tensor | None = None,
 ) -> TrustRecords:
-    """Functional LAMB (see :class:`LAMB` for the equations); updates params and state in place
-    and returns the trust ratios applied. Never reads a tensor on the host."""
-    impl = _multi_tensor_lamb if resolve_foreach(foreach) else _single_tensor_lamb
-    return impl(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
+    """Functional LAMB (see :class:`LAMB` and :mod:`lars.optim._lamb_rules` for the equations of
+    each ``rule``); updates params and state in place and returns the trust ratios applied.
+    ``grad_scale`` (0-dim) multiplies every gradient first (``nus``'s global-norm clip). Never
+    reads a tensor on the host."""
+    if rule not in _lamb_rules.RULES:
+        raise ValueError(f"Invalid rule: {rule!r}; expected one of {_lamb_rules.RULES}")
+    hyper = _lamb_rules.Hyper(
+        rule=rule,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
         layer_adaptation=layer_adaptation,
+        norm_clip=norm_clip,
+        grad_scale=grad_scale,
+        fused=fused is not False,
     )
-
-
-def _single_tensor_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    layer_adaptation: bool,
-) -> TrustRecords:
-    ratios: list[Tensor] = []
-    for p, g, mo, ve, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        step.add_(1)
-        mo.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        ve.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        t = step.to(step_dtype(p.dtype))
-        # Bias corrections as tensors: t is on the device, reading it would sync.
-        bias_correction1 = 1.0 - torch.pow(beta1, t)
-        bias_correction2 = 1.0 - torch.pow(beta2, t)
-        denom = (ve / bias_correction2).sqrt_().add_(eps)
-        if eps == 0.0:
-            denom.clamp_min_(torch.finfo(denom.dtype).tiny)
-        r = (mo / bias_correction1).div_(denom)
-        if weight_decay != 0.0:
-            r.add_(p, alpha=weight_decay)
-        if layer_adaptation:
-            w_norm = torch.linalg.vector_norm(p)
-            r_norm = torch.linalg.vector_norm(r)
-            trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, 1.0)
-            ratios.append(trust)
-            r.mul_(trust)
-        p.add_(r, alpha=-lr)
-    return [(params, ratios)] if layer_adaptation else []
-
-
-def _multi_tensor_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    layer_adaptation: bool,
-) -> TrustRecords:
-    records: TrustRecords = []
-    lists = [params, grads, exp_avgs, exp_avg_sqs, steps]
-    buckets = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-    for (device, dtype), (bucket, _) in buckets.items():
-        b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps = bucket
-        increment_steps(b_steps)
-        moments = (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps)
-        if _fused_adam_supported(device, b_steps, eps):
-            r = _fused_direction(
-                *moments, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
-            )
-        else:
-            r = _foreach_direction(
-                *moments, dtype=dtype, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
-            )
-        if layer_adaptation:
-            w_norm = torch.stack(torch._foreach_norm(b_params))
-            r_norm = torch.stack(torch._foreach_norm(r))
-            trust = torch.where(torch.logical_and(w_norm > 0, r_norm > 0), w_norm / r_norm, 1.0)
-            records.append((b_params, trust))
-            # The 0-dim factors go in as addcmul's tensor1, which CUDA's fast path accepts.
-            torch._foreach_addcmul_(b_params, list(trust.unbind(0)), r, value=-lr)
-        else:
-            torch._foreach_add_(b_params, r, alpha=-lr)
-    return records
-
-
-def _fused_adam_supported(device: torch.device | None, steps: list[Tensor], eps: float) -> bool:
-    return (
-        _FUSED_DEVICES is not None
-        and device is not None
-        and device.type in _FUSED_DEVICES
-        and steps[0].dtype == torch.float32
-        and eps > 0.0  # with eps = 0 the unfused path guards 0 / 0
-    )
-
-
-def _fused_direction(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> list[Tensor]:
-    """r = (mo / bc1) / (sqrt(ve / bc2) + eps) + wd * w in one pass, updating mo and ve.
-
-    Adam's fused kernel does x -= lr * (mo / bc1) / (sqrt(ve / bc2) + eps), with the moments
-    updated as in LAMB; run with lr = -1 on a fresh x = wd * w, it leaves r in x.
-    """
-    r = list(torch._foreach_mul(params, weight_decay)) if weight_decay != 0.0 else None
-    if r is None:
-        r = [torch.zeros_like(p) for p in params]
-    torch._fused_adam_(
-        r,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        [],
-        steps,
-        lr=-1.0,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=0.0,
-        eps=eps,
-        amsgrad=False,
-        maximize=False,
-    )
-    return r
-
-
-def _foreach_direction(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    dtype: torch.dtype,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> list[Tensor]:
-    """The same r with unfused multi-tensor ops (any device, any eps)."""
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    # With c2 = sqrt(bc2): (mo / bc1) / (sqrt(ve) / c2 + eps) == (c2 / bc1) * mo / (sqrt(ve) +
-    # eps * c2), so the per-tensor bias corrections are one vector computed for all tensors.
-    t = torch.stack(steps).to(step_dtype(dtype))
-    bc2_sqrt = torch.pow(beta2, t).neg_().add_(1.0).sqrt_()
-    step_scale = torch.pow(beta1, t).neg_().add_(1.0).reciprocal_().mul_(bc2_sqrt)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    if eps != 0.0:
-        torch._foreach_add_(denom, list(bc2_sqrt.mul_(eps).unbind(0)))
-    else:
-        torch._foreach_clamp_min_(denom, torch.finfo(dtype).tiny)
-    r = list(torch._foreach_div(exp_avgs, denom))
-    del denom
-    torch._foreach_mul_(r, list(step_scale.unbind(0)))
-    if weight_decay != 0.0:
-        torch._foreach_add_(r, params, alpha=weight_decay)
-    return r
+    impl = _lamb_rules.multi_tensor if resolve_foreach(foreach) else _lamb_rules.single_tensor
+    return impl(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper)

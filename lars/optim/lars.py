@@ -1,7 +1,7 @@
 """LARS: layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017, "Large Batch Training of
-Convolutional Networks", arXiv:1708.03888, Algorithm 1).
+Convolutional Networks", arXiv:1708.03888, Algorithm 1), and the published variants.
 
-Per parameter tensor w with gradient g, at every step::
+Per parameter tensor w with gradient g, at every step (``variant="you2017"``, the default)::
 
     d     = g + wd * w
     trust = eta * ||w|| / (||g|| + wd * ||w|| + eps)   if ||w|| > 0 and ||g|| > 0, else 1
@@ -9,76 +9,47 @@ Per parameter tensor w with gradient g, at every step::
     w     = w - v                                      (Nesterov: w = w - (m * v + lr * trust * d))
 
 A param group with ``layer_adaptation=False`` (biases, normalisation weights) uses trust = 1, i.e.
-plain SGD with momentum. Three layers, as in ``torch.optim.sgd``: the :class:`LARS` class
-(validation, defaults, state), the functional core :func:`lars` and its two implementations, a
-per-tensor loop (the reference) and a multi-tensor ``torch._foreach_*`` path (the default).
+plain SGD with momentum. The variants ``nus`` and ``barlowtwins`` (equations in
+:mod:`lars.optim._lars_rules`) reproduce the LARS of LARS-ImageNet-PyTorch and of Barlow Twins.
+
+Three layers, as in ``torch.optim.sgd``: the :class:`LARS` class (validation, defaults, state),
+the functional core :func:`lars`, and per rule a per-tensor loop (the reference) and a
+multi-tensor ``torch._foreach_*`` path (the default). :class:`~lars.optim.TVLARS` is this class
+with one seam overridden, :meth:`LARS._trust_scale_fn`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Union
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _lars_rules
+from ._common import (
+    ParamsT,
+    TrustRecords,
+    TrustScaleFn,
+    VariantDefaults,
+    as_real,
+    check_arg,
+    check_lr,
+    check_variant,
+    record_trust_ratios,
+    resolve_foreach,
+    resolve_variant_args,
+    step_on_device,
+)
+
 __all__ = ["LARS", "lars"]
-
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
-# The trust ratios applied in one step: chunks of (params, one 0-dim ratio per param). On the
-# foreach path the ratios are the 1-D tensor computed during the step (iterating it gives views).
-TrustRecords = list[tuple[list[Tensor], Sequence[Tensor]]]
-# Maps the 1-based step count t (a float tensor of any shape) to a factor of the trust ratio.
-TrustScaleFn = Callable[[Tensor], Tensor]
-
-
-def check_arg(name: str, value: Any, valid: bool, expected: str) -> None:
-    """Raise ``ValueError`` naming the argument when ``valid`` is false."""
-    if not valid:
-        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
-
-
-def check_lr(lr: Any, group_index: int | None) -> None:
-    """``lr`` may be omitted in the constructor only when every param group carries one."""
-    if lr is None:
-        if group_index is None:
-            return
-        raise ValueError(
-            f"lr: param group {group_index} has no 'lr' and no default lr was given; "
-            "pass lr=... to the optimizer or set 'lr' in every param group"
-        )
-    check_arg("lr", lr, lr >= 0.0, "lr >= 0")
-
-
-def resolve_foreach(foreach: bool | None) -> bool:
-    return True if foreach is None else bool(foreach)
-
-
-def increment_steps(steps: list[Tensor]) -> None:
-    """steps[i] += 1 for the 0-dim step tensors, on their device."""
-    if steps[0].is_cpu:
-        # On CPU foreach loops over the tensors; a ready-made scalar tensor spares re-wrapping 1
-        # into a tensor for each of them.
-        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    else:
-        torch._foreach_add_(steps, 1.0)
-
-
-def step_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """dtype for arithmetic on the step count t: the parameters' dtype, but at least float32
-    (bfloat16 cannot even count past 256)."""
-    return torch.promote_types(param_dtype, torch.float32)
-
-
-def record_trust_ratios(records: TrustRecords) -> list[tuple[Tensor, Tensor]]:
-    return [(p, ratio) for params, ratios in records for p, ratio in zip(params, ratios)]
 
 
 class LARS(Optimizer):
     """LARS (You, Gitman & Ginsburg 2017, Algorithm 1) with momentum and optional Nesterov.
 
-    Update per parameter tensor (t-th step, settings read from the tensor's param group)::
+    Update per parameter tensor (settings read from the tensor's param group)::
 
         d     = g + weight_decay * w
         trust = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps)
@@ -86,16 +57,52 @@ class LARS(Optimizer):
         v     = momentum * v + lr * trust * d             (v starts at 0)
         w     = w - v          (nesterov: w = w - (momentum * v + lr * trust * d))
 
+    Variants (``VARIANTS``, the first is the default; equations in :mod:`lars.optim._lars_rules`):
+
+    - ``you2017``: the paper, as above.
+    - ``nus``: LARS-ImageNet-PyTorch (NUS HPC-AI Lab): trust clamped to [0, ``trust_clip``]
+      (default 50), d = g + wd w (excluded groups: d = g) clamped element-wise to
+      [-``update_clip``, ``update_clip``] (default 10), buf = m buf + d, w -= lr trust buf.
+    - ``barlowtwins``: facebookresearch/barlowtwins: trust = eta ||w|| / ||g + wd w||, scaling
+      d = g + wd w before the momentum (excluded groups: d = g); mu = m mu + d, w -= lr mu.
+
+    The step count t of each tensor is kept in ``state[p]["step"]`` (a 0-dim tensor on its device).
+
     Args:
         params: tensors or param groups; a group may set ``layer_adaptation=False``.
         lr: learning rate; may be omitted when every param group carries ``lr``.
         momentum: m in [0, 1).
         weight_decay: L2 coefficient added to the gradient (>= 0).
         trust_coefficient: eta (> 0).
-        eps: added to the trust-ratio denominator (>= 0).
-        nesterov: Nesterov momentum (needs momentum > 0).
+        eps: added to the trust-ratio denominator (>= 0; ``barlowtwins`` has none).
+        nesterov: Nesterov momentum (needs momentum > 0; ``you2017`` only).
+        variant: one of ``VARIANTS`` (``None``: the first).
+        trust_clip, update_clip: ``nus`` only; ``None`` takes the variant's default
+            (``VARIANT_DEFAULTS``), ``inf`` switches the clamp off.
         foreach: use the multi-tensor path (default, ``None``) or the per-tensor loop (``False``).
     """
+
+    VARIANTS: ClassVar[tuple[str, ...]] = ("you2017", "nus", "barlowtwins")
+    VARIANT_DEFAULTS: ClassVar[VariantDefaults] = {
+        "you2017": {},
+        "nus": {"trust_clip": 50.0, "update_clip": 10.0},
+        "barlowtwins": {},
+    }
+    # The update rule (of lars.optim._lars_rules) each variant runs.
+    _RULES: ClassVar[dict[str, str]] = {v: v for v in VARIANTS}
+    # Group options with their defaults, for state dicts saved before an option existed.
+    _OPTION_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        momentum=0.9,
+        weight_decay=0.0,
+        trust_coefficient=0.001,
+        eps=0.0,
+        nesterov=False,
+        layer_adaptation=True,
+        foreach=None,
+        variant="you2017",
+        trust_clip=None,
+        update_clip=None,
+    )
 
     def __init__(
         self,
@@ -107,9 +114,23 @@ class LARS(Optimizer):
         eps: float = 0.0,
         nesterov: bool = False,
         *,
+        variant: str | None = None,
+        trust_clip: float | None = None,
+        update_clip: float | None = None,
         foreach: bool | None = None,
     ) -> None:
-        defaults = dict(
+        defaults = self._base_defaults(
+            lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach
+        )
+        defaults.update(trust_clip=trust_clip, update_clip=update_clip)
+        self._setup(params, defaults)
+
+    @classmethod
+    def _base_defaults(
+        cls, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach
+    ) -> dict[str, Any]:
+        """The options LARS and its subclasses share."""
+        return dict(
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
@@ -118,14 +139,20 @@ class LARS(Optimizer):
             nesterov=nesterov,
             layer_adaptation=True,
             foreach=foreach,
+            variant=cls.VARIANTS[0] if variant is None else variant,
         )
+
+    def _setup(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_group(defaults, None)
         self._trust_records: TrustRecords = []
-        super().__init__(params, defaults)
+        self._owners: dict[int, Tensor] = {}
+        self._last_trust_scale: Tensor | None = None
+        Optimizer.__init__(self, params, defaults)
 
     @classmethod
     def _check_group(cls, group: dict[str, Any], group_index: int | None) -> None:
         check_lr(group["lr"], group_index)
+        check_variant(group, cls.VARIANTS, cls.VARIANT_DEFAULTS)
         m = group["momentum"]
         check_arg("momentum", m, 0.0 <= m < 1.0, "0 <= momentum < 1")
         wd = group["weight_decay"]
@@ -135,11 +162,20 @@ class LARS(Optimizer):
         check_arg("eps", group["eps"], group["eps"] >= 0.0, "eps >= 0")
         nesterov = group["nesterov"]
         check_arg("nesterov", nesterov, not nesterov or m > 0.0, "nesterov=False when momentum=0")
+        if cls._RULES[group["variant"]] == "barlowtwins":
+            check_arg("eps", group["eps"], group["eps"] == 0.0, f"eps=0 for {group['variant']!r}")
+        first = cls.VARIANTS[0]
+        if nesterov and group["variant"] != first:
+            raise ValueError(
+                f"Invalid nesterov: True; only variant {first!r} has Nesterov momentum"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
         try:
-            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            resolve_variant_args(group, self.VARIANT_DEFAULTS)
+            self._check_group(group, len(self.param_groups) - 1)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -147,37 +183,48 @@ class LARS(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("momentum", 0.9)
-            group.setdefault("weight_decay", 0.0)
-            group.setdefault("trust_coefficient", 0.001)
-            group.setdefault("eps", 0.0)
-            group.setdefault("nesterov", False)
-            group.setdefault("layer_adaptation", True)
-            group.setdefault("foreach", None)
-        self._trust_records = []
+            for key, value in self._OPTION_DEFAULTS.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if step is not None and not torch.is_tensor(step):
+                    self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
+        self._trust_records, self._owners, self._last_trust_scale = [], {}, None
 
     def last_trust_ratios(self) -> list[tuple[Tensor, Tensor]]:
         """(param, 0-dim trust ratio) for every adapted param updated by the last ``step()``.
 
         The tensors are those computed during the step (no copies); reading their values syncs.
         """
-        return record_trust_ratios(self._trust_records)
+        return record_trust_ratios(self._trust_records, self._owners)
 
-    def _init_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
-    ) -> None:
+    def _trust_scale_fn(self, group: dict[str, Any]) -> TrustScaleFn | None:
+        """The seam subclasses override: a function of the 1-based step count t (a float tensor)
+        whose value multiplies the trust ratio of the group's adapted tensors, or ``None``."""
+        return None
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+        """Params with a gradient, their gradients, momentum buffers and step counts, as real
+        views where a parameter is complex (its real and imaginary parts are updated as two real
+        numbers, as in torch.optim)."""
+        params, grads, bufs, steps = [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
+            state = self.state[p]
+            view = as_real(p)
+            if view is not p:
+                self._owners[id(view)] = p
+            params.append(view)
+            grads.append(as_real(p.grad))
             if group["momentum"] != 0.0:
-                state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
+                bufs.append(as_real(state["momentum_buffer"]))
+            steps.append(step_on_device(state, p))
+        return params, grads, bufs, steps
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -187,19 +234,24 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         records: TrustRecords = []
+        self._owners = {}
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            bufs: list[Tensor] = []
-            self._init_group(group, params, grads, bufs)
-            if params:
-                group_records, _ = lars(params, grads, bufs, **lars_settings(group))
-                records += group_records
+            params, grads, bufs, steps = self._init_group(group)
+            if not params:
+                continue
+            scale_fn = self._trust_scale_fn(group) if group["layer_adaptation"] else None
+            settings = lars_settings(group, self._RULES[group["variant"]])
+            group_records, scale = lars(
+                params, grads, bufs, state_steps=steps, trust_scale_fn=scale_fn, **settings
+            )
+            records += group_records
+            if scale is not None:
+                self._last_trust_scale = scale
         self._trust_records = records
         return loss
 
 
-def lars_settings(group: dict[str, Any]) -> dict[str, Any]:
+def lars_settings(group: dict[str, Any], rule: str = "you2017") -> dict[str, Any]:
     """The keyword arguments of :func:`lars` read from a param group."""
     return dict(
         lr=group["lr"],
@@ -210,6 +262,10 @@ def lars_settings(group: dict[str, Any]) -> dict[str, Any]:
         nesterov=group["nesterov"],
         layer_adaptation=group["layer_adaptation"],
         foreach=group["foreach"],
+        rule=rule,
+        trust_clip=group.get("trust_clip"),
+        update_clip=group.get("update_clip"),
+        norm_clip=group.get("norm_clip"),
     )
 
 
@@ -226,22 +282,25 @@ def lars(
     nesterov: bool,
     layer_adaptation: bool = True,
     foreach: bool | None = None,
+    rule: str = "you2017",
+    trust_clip: float | None = None,
+    update_clip: float | None = None,
+    norm_clip: float | None = None,
     state_steps: list[Tensor] | None = None,
     trust_scale_fn: TrustScaleFn | None = None,
 ) -> tuple[TrustRecords, Tensor | None]:
-    """Functional LARS (see :class:`LARS` for the equations); updates params and buffers in place.
+    """Functional LARS (see :class:`LARS` and :mod:`lars.optim._lars_rules` for the equations of
+    each ``rule``); updates params and buffers in place.
 
     ``momentum_buffers`` is empty when ``momentum == 0``. When ``state_steps`` is given, each
     per-param step count is incremented first, and with ``trust_scale_fn`` the trust ratio is
     multiplied by ``trust_scale_fn(t)`` (TVLARS's phi). Returns the trust ratios applied and the
     first trust scale computed (``None`` when there was none). Never reads a tensor on the host.
     """
-    impl = _multi_tensor_lars if resolve_foreach(foreach) else _single_tensor_lars
-    return impl(
-        params,
-        grads,
-        momentum_buffers,
-        state_steps,
+    if rule not in _lars_rules.RULES:
+        raise ValueError(f"Invalid rule: {rule!r}; expected one of {_lars_rules.RULES}")
+    hyper = _lars_rules.Hyper(
+        rule=rule,
         lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
@@ -249,139 +308,10 @@ def lars(
         eps=eps,
         nesterov=nesterov,
         layer_adaptation=layer_adaptation,
+        trust_clip=trust_clip,
+        update_clip=update_clip,
+        norm_clip=norm_clip,
         trust_scale_fn=trust_scale_fn,
     )
-
-
-def _single_tensor_lars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    steps: list[Tensor] | None,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
-    layer_adaptation: bool,
-    trust_scale_fn: TrustScaleFn | None,
-) -> tuple[TrustRecords, Tensor | None]:
-    ratios: list[Tensor] = []
-    first_scale = None
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if steps is not None:
-            steps[i].add_(1)
-        d = g.add(p, alpha=weight_decay) if weight_decay != 0.0 else g
-        if layer_adaptation:
-            w_norm = torch.linalg.vector_norm(p)
-            g_norm = torch.linalg.vector_norm(g)
-            ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
-            # torch.where instead of a Python `if`: a zero norm must not cost a host sync.
-            trust = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
-            if steps is not None and trust_scale_fn is not None:
-                scale = trust_scale_fn(steps[i].to(step_dtype(p.dtype)))
-                first_scale = scale if first_scale is None else first_scale
-                trust = trust * scale
-            ratios.append(trust)
-            update = d * (lr * trust)
-        else:
-            update = d * lr
-        if momentum != 0.0:
-            bufs[i].mul_(momentum).add_(update)
-            update = update.add(bufs[i], alpha=momentum) if nesterov else bufs[i]
-        p.sub_(update)
-    records: TrustRecords = [(params, ratios)] if layer_adaptation else []
-    return records, first_scale
-
-
-def _multi_tensor_lars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    steps: list[Tensor] | None,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
-    layer_adaptation: bool,
-    trust_scale_fn: TrustScaleFn | None,
-) -> tuple[TrustRecords, Tensor | None]:
-    records: TrustRecords = []
-    first_scale = None
-    lists: list[list[Tensor]] = [params, grads]
-    if momentum != 0.0:
-        lists.append(bufs)
-    if steps is not None:
-        lists.append(steps)
-    buckets = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-    for (_, dtype), (bucket, _) in buckets.items():
-        b_params, b_grads = bucket[0], bucket[1]
-        b_bufs = bucket[2] if momentum != 0.0 else []
-        b_steps = bucket[-1] if steps is not None else None
-        if b_steps is not None:
-            increment_steps(b_steps)
-        lr_trust = None  # lr * trust, one entry per tensor, when the group is adapted
-        if layer_adaptation:
-            # Norms of all tensors at once, stacked so the ratio arithmetic is a few vector ops.
-            w_norm = torch.stack(torch._foreach_norm(b_params))
-            g_norm = torch.stack(torch._foreach_norm(b_grads))
-            denom = g_norm.add(w_norm, alpha=weight_decay) if weight_decay != 0.0 else g_norm
-            if eps != 0.0:
-                denom = denom + eps
-            ratio = w_norm.mul(trust_coefficient).div_(denom)
-            trust = torch.where(torch.logical_and(w_norm > 0, g_norm > 0), ratio, 1.0)
-            if b_steps is not None and trust_scale_fn is not None:
-                scale = trust_scale_fn(torch.stack(b_steps).to(step_dtype(dtype)))
-                first_scale = scale[0] if first_scale is None else first_scale
-                trust.mul_(scale)
-            records.append((b_params, trust))
-            lr_trust = list(torch.mul(trust, lr).unbind(0))
-        _foreach_update(b_params, b_grads, b_bufs, lr_trust, lr, momentum, weight_decay, nesterov)
-    return records, first_scale
-
-
-def _foreach_add_scaled(
-    dst: list[Tensor], per_tensor: list[Tensor] | None, factor: float, src: list[Tensor]
-) -> None:
-    """dst[i] += factor * per_tensor[i] * src[i], or dst[i] += factor * src[i] when per_tensor is
-    None. The per-tensor factors stay on the device as 0-dim tensors, passed as addcmul's tensor1,
-    the operand for which CUDA's multi-tensor fast path accepts 0-dim tensors."""
-    if per_tensor is None:
-        torch._foreach_add_(dst, src, alpha=factor)
-    else:
-        torch._foreach_addcmul_(dst, per_tensor, src, value=factor)
-
-
-def _foreach_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    lr_trust: list[Tensor] | None,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-) -> None:
-    """v = m * v + s * (g + wd * w); w = w - v (Nesterov: w = w - (m * v + s * (g + wd * w))),
-    with s = lr_trust[i] (0-dim), or lr when lr_trust is None. In-place passes only: no
-    temporary the size of the model, and p.grad is only read."""
-    base = 1.0 if lr_trust is not None else lr
-    if momentum != 0.0:
-        torch._foreach_mul_(bufs, momentum)
-        _foreach_add_scaled(bufs, lr_trust, base, grads)
-        if weight_decay != 0.0:
-            _foreach_add_scaled(bufs, lr_trust, base * weight_decay, params)
-        if not nesterov:
-            torch._foreach_sub_(params, bufs)
-            return
-    # w -= [m * v +] s * (g + wd * w): the decay term first, while w still holds the old weights.
-    if weight_decay != 0.0:
-        _foreach_add_scaled(params, lr_trust, -base * weight_decay, params)
-    if momentum != 0.0:
-        torch._foreach_add_(params, bufs, alpha=-momentum)
-    _foreach_add_scaled(params, lr_trust, -base, grads)
+    impl = _lars_rules.multi_tensor if resolve_foreach(foreach) else _lars_rules.single_tensor
+    return impl(params, grads, momentum_buffers, state_steps, hyper)
