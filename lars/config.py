@@ -1,18 +1,20 @@
-"""Command-line flags, defaults that depend on the dataset, and validation.
-
-`get_args_parser()` defines every flag (grouped, with units and defaults in the help).
-`resolve(args)` fills the dataset-dependent defaults (the embedded sample set trains a small model
-on 32 px images; ImageNet uses the paper settings) and checks every value and combination, raising
-`UsageError` with a message that names the flag. Nothing here imports Horovod or touches data.
+"""The application layer's half that knows argparse: flags, the --config file, and `resolve`,
+the one place where every default is decided (the embedded sample set trains a small model on
+32 px images; ImageNet uses the paper settings; each optimizer's own defaults come from its
+record in `lars.factory`). `parse_settings(argv)` returns the frozen `lars.settings.Settings`
+that the training layer reads; bad values raise `SettingError` naming the flag (`lars.checks`).
+Nothing here imports Horovod or touches data.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
-from lars.factory import OPTIMIZERS
+from lars.checks import check_data_flags, check_flags
+from lars.errors import SettingError
+from lars.factory import OPTIMIZER_SPECS, OPTIMIZERS
 from lars.schedules import SCHEDULES
+from lars.settings import Settings
 
 # Defaults that differ between the embedded sample set (no --train-dir) and real data. The sample
 # run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
@@ -54,23 +56,8 @@ SMALL_IMAGE_DEFAULTS = dict(
     val_crop_ratio=1.0,
 )
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
-# --base-lr when not given, for the reference batch (--lr-reference-batch): layer-wise adaptive
-# optimizers take rates two orders larger than SGD because eta x ||w|| / ||g|| scales them down.
-DEFAULT_BASE_LR = {
-    "lars": 2.0,
-    "tvlars": 2.0,
-    "lamb": 0.01,
-    "sgd": 0.1,
-    "adam": 0.001,
-    "adamw": 0.001,
-    "adagrad": 0.01,
-    "rmsprop": 0.01,
-}
 DATASETS = ("imagefolder", "cifar10", "cifar100", "tinyimagenet")
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported on one line with exit status 2."""
+_BASE_LR_HELP = ", ".join(f"{s.name} {s.base_lr:g}" for s in OPTIMIZER_SPECS.values())
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -164,8 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--base-lr",
         type=float,
-        help="learning rate for the reference batch (lars/tvlars 2.0, lamb 0.01, "
-        "sgd 0.1, adam/adamw 0.001, adagrad/rmsprop 0.01)",
+        help=f"learning rate for the reference batch ({_BASE_LR_HELP})",
     )
     o.add_argument(
         "--lr-scaling",
@@ -344,136 +330,57 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(value, flag: str, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill dataset-dependent defaults and validate everything; raise UsageError on bad input."""
-    from lars.models import available_models
-
-    archive = args.dataset not in (None, "imagefolder")
-    if archive and (args.train_dir or args.val_dir):
-        raise UsageError(f"--dataset {args.dataset} reads --data-dir; drop --train-dir/--val-dir")
-    if archive and not args.data_dir:
-        raise UsageError(
-            f"--dataset {args.dataset} needs --data-dir (the folder holding its archive)"
-        )
-    if archive and not os.path.isdir(args.data_dir):
-        raise UsageError(f"--data-dir {args.data_dir!r} is not a directory")
-    if not archive and args.data_dir:
-        raise UsageError(
-            "--data-dir goes with --dataset cifar10|cifar100|tinyimagenet; "
-            "ImageFolder trees take --train-dir and --val-dir"
-        )
-    if args.train_dir is None and args.val_dir is not None:
-        raise UsageError("--val-dir was given without --train-dir")
-    if args.train_dir is not None and args.val_dir is None and not args.synthetic:
-        raise UsageError("--train-dir needs --val-dir (an ImageFolder with the same classes)")
-    if args.synthetic:
-        args.dataset = "synthetic"
-    elif not archive:
-        args.dataset = "sample" if args.train_dir is None else "imagefolder"
-    if archive:
-        defaults = {**SMALL_IMAGE_DEFAULTS, "image_size": NATIVE_IMAGE_SIZE[args.dataset]}
+def _dataset_defaults(values: dict) -> dict:
+    """Sets values["dataset"] to what the data flags mean; returns that dataset's defaults."""
+    if values["synthetic"]:
+        values["dataset"] = "synthetic"
+    elif values["dataset"] in (None, "imagefolder"):
+        values["dataset"] = "sample" if values["train_dir"] is None else "imagefolder"
     else:
-        defaults = SAMPLE_DEFAULTS if args.dataset == "sample" else IMAGENET_DEFAULTS
-    if args.base_op == "tvlars" and args.warmup_epochs is None:
-        args.warmup_epochs = 0.0  # TVLARS needs no warm-up: its early phase is plain LARS
+        return {**SMALL_IMAGE_DEFAULTS, "image_size": NATIVE_IMAGE_SIZE[values["dataset"]]}
+    return SAMPLE_DEFAULTS if values["dataset"] == "sample" else IMAGENET_DEFAULTS
+
+
+def resolve(flags: dict) -> dict:
+    """Every default, decided here once, then every check (`lars.checks`); returns a new dict.
+
+    Order of precedence: command line > --config file > the optimizer's record > the dataset's
+    defaults. Defaults that depend on the machine (CUDA, the ranks on this node) are read from
+    the launch environment, before any runtime starts.
+    """
+    import torch
+
+    from lars.data.fast import default_workers_per_rank
+    from lars.data.sample import default_sample_dir
+    from lars.distributed import launched_local_size, launched_size
+    from lars.plan import default_log_dir
+
+    values = dict(flags)
+    check_data_flags(values)
+    spec = OPTIMIZER_SPECS[values["base_op"]]
+    defaults = {
+        **_dataset_defaults(values),
+        "base_lr": spec.base_lr,
+        "schedule": spec.schedule,
+        "lr_power": spec.lr_power,
+        "channels_last": torch.cuda.is_available() and not values["no_cuda"],
+        "max_nonfinite": 1 if values["nonfinite"] == "abort" else 20,
+        "workers": default_workers_per_rank(launched_local_size()),
+    }
+    if spec.warmup_epochs is not None:
+        defaults["warmup_epochs"] = spec.warmup_epochs
     for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.base_lr is None:
-        args.base_lr = DEFAULT_BASE_LR[args.base_op]
-    if args.schedule is None:
-        args.schedule = "none" if args.base_op == "tvlars" else "poly"
-    if args.channels_last is None:
-        import torch
-
-        args.channels_last = torch.cuda.is_available() and not args.no_cuda
-    if args.max_nonfinite is None:
-        args.max_nonfinite = 1 if args.nonfinite == "abort" else 20
-    if args.lr_power is None:
-        args.lr_power = 2.0 if args.base_op in ("lars", "tvlars") else 1.0
-    if args.base_op == "tvlars" and args.schedule not in ("none", "constant"):
-        raise UsageError(
-            f"--base-op tvlars takes no --schedule {args.schedule}: phi is its "
-            "schedule (use --schedule none)"
-        )
-
-    for flag in (
-        "epochs",
-        "batch_size",
-        "val_batch_size",
-        "batches_per_allreduce",
-        "image_size",
-        "lr_reference_batch",
-        "log_interval",
-        "keep_checkpoints",
-        "max_steps",
-        "threads",
-        "checkpoint_every_steps",
-        "max_nonfinite",
-        "stall_timeout",
-        "ranks",
-        "clip_grad_norm",
-    ):
-        _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
-    for flag in (
-        "base_lr",
-        "wd",
-        "warmup_epochs",
-        "end_lr",
-        "tv_delay_epochs",
-        "tv_min_scale",
-        "lmbda",
-        "workers",
-    ):
-        _positive(getattr(args, flag), "--" + flag.replace("_", "-"), allow_zero=True)
-    if not 0.0 < args.val_crop_ratio <= 1.0:
-        raise UsageError(f"--val-crop-ratio must be in (0, 1], got {args.val_crop_ratio}")
-    if not 0.0 < args.min_crop_scale <= 1.0:
-        raise UsageError(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if not 0.0 <= args.momentum < 1.0:
-        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.trust_coefficient <= 0:
-        raise UsageError(f"--trust-coefficient must be > 0, got {args.trust_coefficient}")
-    if args.tv_alpha <= 0:
-        raise UsageError(f"--tv-alpha must be > 0, got {args.tv_alpha}")
-    if args.lr_power <= 0:
-        raise UsageError(f"--lr-power must be > 0, got {args.lr_power}")
-    if args.schedule == "none" and args.warmup_epochs > 0:
-        raise UsageError(
-            "--schedule none has no warm-up: use --schedule constant with "
-            f"--warmup-epochs {args.warmup_epochs}, or --warmup-epochs 0"
-        )
-    if args.warmup_epochs > args.epochs:
-        raise UsageError(
-            f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}"
-        )
-    if args.model not in available_models():
-        raise UsageError(
-            f"--model {args.model!r} is not a torchvision classification model nor "
-            "one of resnet18_small, resnet34_small, resnet50_small, tinycnn"
-        )
-    if args.dataset == "imagefolder":
-        for flag, path in (("--train-dir", args.train_dir), ("--val-dir", args.val_dir)):
-            if not os.path.isdir(path):
-                raise UsageError(f"{flag} {path!r} is not a directory")
-    if (
-        args.log_dir is not None
-        and os.path.exists(args.log_dir)
-        and not os.path.isdir(args.log_dir)
-    ):
-        raise UsageError(f"--log-dir {args.log_dir!r} exists and is not a directory")
-    if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume {args.resume!r}: no such checkpoint file")
-    return args
+        if values[key] is None:
+            values[key] = value
+    if values["dataset"] == "sample":  # built on first use (lars.build.build_datasets)
+        root = default_sample_dir()
+        values["train_dir"], values["val_dir"] = str(root / "train"), str(root / "val")
+    check_flags(values)
+    if values["log_dir"] is None:
+        ranks = (values["ranks"] if values["dry_run"] else None) or launched_size()
+        global_batch = values["batch_size"] * ranks * values["batches_per_allreduce"]
+        values["log_dir"] = default_log_dir(values, global_batch)
+    return values
 
 
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -484,29 +391,29 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         with open(path) as handle:
             values = yaml.safe_load(handle) or {}
     except OSError as error:
-        raise UsageError(f"--config {path!r}: {error.strerror}") from None
+        raise SettingError(f"--config {path!r}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise UsageError(
+        raise SettingError(
             f"--config {path!r} is not valid YAML: {str(error).splitlines()[0]}"
         ) from None
     if not isinstance(values, dict):
-        raise UsageError(f"--config {path!r} must hold a mapping of option names to values")
+        raise SettingError(f"--config {path!r} must hold a mapping of option names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     defaults = {}
     for key, value in values.items():
         dest = str(key).lstrip("-").replace("-", "_")
         action = actions.get(dest)
         if action is None:
-            raise UsageError(f"--config {path!r}: unknown option {key!r}")
+            raise SettingError(f"--config {path!r}: unknown option {key!r}")
         if value is not None and action.type is not None and not isinstance(value, bool):
             try:
                 value = action.type(value)
             except (TypeError, ValueError):
-                raise UsageError(
+                raise SettingError(
                     f"--config {path!r}: {key}: {value!r} is not a valid {action.type.__name__}"
                 ) from None
         if action.choices is not None and value not in action.choices:
-            raise UsageError(
+            raise SettingError(
                 f"--config {path!r}: {key}: {value!r} is not one of "
                 f"{', '.join(map(str, action.choices))}"
             )
@@ -516,9 +423,14 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and resolve: built-in defaults < --config file < command line. argparse itself
-    exits with status 2 on unknown flags or bad types."""
+    exits with status 2 on unknown flags or bad types. The result is a fresh namespace of the
+    resolved values, for the application layer; the training layer reads `Settings`."""
     parser = get_args_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config_file(known.config, parser))
-    return resolve(parser.parse_args(argv))
+    return argparse.Namespace(**resolve(vars(parser.parse_args(argv))))
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    return Settings.from_flat(vars(parse_args(argv)))

@@ -12,7 +12,8 @@
 - `LocalBackend`: one process, no communication.
 
 Every backend offers the same verbs: wrap the model and the optimizer, a context for each
-micro-batch, synchronise and step, broadcasts from rank 0, sums across ranks.
+micro-batch, synchronise and step, broadcasts from rank 0, sums across ranks. How gradients travel
+(`fp16_allreduce`, `adasum`) is fixed when the backend is made and never changes afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import socket
 from contextlib import nullcontext
 
 import torch
+
+from lars.errors import BackendError
 
 _RANK_VARIABLES = (
     "OMPI_COMM_WORLD_RANK",
@@ -70,6 +73,11 @@ def launched_size() -> int:
     return _first_int(("WORLD_SIZE",) if _torchrun() else _SIZE_VARIABLES, 1)
 
 
+def launched_local_size() -> int:
+    """Ranks on this node as the launcher set them (1 if none): usable before any init."""
+    return _first_int(("LOCAL_WORLD_SIZE",) if _torchrun() else _LOCAL_SIZE_VARIABLES, 1)
+
+
 class LocalBackend:
     """World size 1, no communication. The base of the other backends' shared defaults."""
 
@@ -77,11 +85,12 @@ class LocalBackend:
     rank = local_rank = 0
     size = local_size = 1
     notice = ""
+    fp16_allreduce = adasum = False
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def wrap_optimizer(self, optimizer, model, batches_per_allreduce, fp16_allreduce, adasum):
+    def wrap_optimizer(self, optimizer, model, batches_per_allreduce: int):
         return optimizer
 
     def micro_batch(self, model, last: bool):
@@ -130,7 +139,10 @@ class HorovodBackend(LocalBackend):
 
     name = "horovod"
 
-    def __init__(self, stall_timeout: float | None = None) -> None:
+    def __init__(
+        self, stall_timeout: float | None = None, fp16_allreduce: bool = False, adasum: bool = False
+    ) -> None:
+        self.fp16_allreduce, self.adasum = fp16_allreduce, adasum
         if stall_timeout:
             # Horovod's coordinator warns about ranks that submit different collectives and,
             # past the shutdown time, ends the job instead of waiting forever (read at init).
@@ -141,20 +153,18 @@ class HorovodBackend(LocalBackend):
         import horovod.torch as hvd
 
         self.hvd = hvd
-        self.adasum = False
         hvd.init()
         self.rank, self.size = hvd.rank(), hvd.size()
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
 
-    def wrap_optimizer(self, optimizer, model, batches_per_allreduce, fp16_allreduce, adasum):
+    def wrap_optimizer(self, optimizer, model, batches_per_allreduce: int):
         hvd = self.hvd
-        self.adasum = adasum
-        compression = hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none
+        compression = hvd.Compression.fp16 if self.fp16_allreduce else hvd.Compression.none
         return hvd.DistributedOptimizer(
             optimizer,
             named_parameters=model.named_parameters(),
             compression=_Contiguous(compression),
-            op=hvd.Adasum if adasum else hvd.Average,
+            op=hvd.Adasum if self.adasum else hvd.Average,
             backward_passes_per_step=batches_per_allreduce,
         )
 
@@ -241,16 +251,21 @@ class TorchBackend(LocalBackend):
 
     name = "torch"
 
-    def __init__(self, cuda: bool, stall_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        cuda: bool,
+        stall_timeout: float | None = None,
+        fp16_allreduce: bool = False,
+        adasum: bool = False,
+    ) -> None:
+        if adasum:
+            raise BackendError("--use-adasum needs --backend horovod")
         import torch.distributed as dist
 
-        self.dist = dist
+        self.dist, self.fp16_allreduce = dist, fp16_allreduce
         self.rank, self.size = launched_rank(), launched_size()
-        torchrun = _torchrun()
-        self.local_rank = _first_int(("LOCAL_RANK",) if torchrun else _LOCAL_RANK_VARIABLES, 0)
-        self.local_size = _first_int(
-            ("LOCAL_WORLD_SIZE",) if torchrun else _LOCAL_SIZE_VARIABLES, 1
-        )
+        local_rank_names = ("LOCAL_RANK",) if _torchrun() else _LOCAL_RANK_VARIABLES
+        self.local_rank, self.local_size = _first_int(local_rank_names, 0), launched_local_size()
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = self._rendezvous()
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -261,7 +276,6 @@ class TorchBackend(LocalBackend):
         # Small CPU-side collectives (stop flag, objects) go through Gloo even when NCCL
         # carries the gradients: NCCL only reduces GPU tensors.
         self.cpu_group = dist.new_group(backend="gloo") if cuda else None
-        self.fp16 = False
 
     def _rendezvous(self) -> tuple[str, str]:
         """Under mpirun/srun without MASTER_ADDR: rank 0 picks an address and a free port."""
@@ -270,7 +284,7 @@ class TorchBackend(LocalBackend):
         try:
             from mpi4py import MPI
         except ImportError:
-            raise RuntimeError(
+            raise BackendError(
                 "--backend torch under mpirun needs MASTER_ADDR and MASTER_PORT "
                 "in the environment, or mpi4py to share them"
             ) from None
@@ -284,17 +298,11 @@ class TorchBackend(LocalBackend):
         # broadcast_buffers=False: like Horovod, each rank keeps its own BatchNorm statistics
         # after the initial broadcast (DDP broadcasts parameters and buffers at construction).
         wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-        if self.fp16:
+        if self.fp16_allreduce:
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             wrapped.register_comm_hook(None, default_hooks.fp16_compress_hook)
         return wrapped
-
-    def wrap_optimizer(self, optimizer, model, batches_per_allreduce, fp16_allreduce, adasum):
-        if adasum:
-            raise ValueError("--use-adasum needs --backend horovod")
-        self.fp16 = fp16_allreduce
-        return optimizer
 
     def micro_batch(self, model, last: bool):
         return nullcontext() if last else model.no_sync()
@@ -336,18 +344,26 @@ def horovod_available() -> bool:
     return True
 
 
-def init_distributed(backend: str = "auto", cuda: bool = False, stall_timeout: float | None = None):
+def init_distributed(
+    backend: str = "auto",
+    cuda: bool = False,
+    stall_timeout: float | None = None,
+    fp16_allreduce: bool = False,
+    adasum: bool = False,
+):
     """The backend asked for; `auto` is Horovod when it imports, else torch.distributed when
-    launched with several ranks (with a notice), else a single process."""
+    launched with several ranks (with a notice), else a single process. BackendError when the
+    one asked for is missing or cannot do what is asked."""
+    options = dict(fp16_allreduce=fp16_allreduce, adasum=adasum)
     if backend == "horovod" or (backend == "auto" and horovod_available()):
         if not horovod_available():
-            raise RuntimeError(
+            raise BackendError(
                 "--backend horovod: Horovod is not installed in this environment; "
                 "run launch/setup.sh, or use --backend torch"
             )
-        return HorovodBackend(stall_timeout)
+        return HorovodBackend(stall_timeout, **options)
     if backend == "torch" or launched_size() > 1:
-        chosen = TorchBackend(cuda, stall_timeout)
+        chosen = TorchBackend(cuda, stall_timeout, **options)
         if backend == "auto":
             chosen.notice = "Horovod is not installed: using torch.distributed instead"
         return chosen

@@ -1,76 +1,62 @@
-"""`--dry-run`: print what a run would do, without Horovod, a device or a training step."""
+"""`--dry-run`: print what a run would do, without Horovod, a device or a training step.
+
+It calls the training's own `lars.build` functions and `lars.plan.plan_run`, so what it prints is
+what a run with the same settings trains with.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from lars.config import UsageError
-from lars.data.loaders import build_datasets
-from lars.data.sample import build_sample_dataset
+from lars.build import build_datasets, build_model, build_optimizer, schedule_arguments
 from lars.distributed import launched_rank, launched_size
-from lars.models import build_model
 from lars.param_groups import param_group_summary
-from lars.plan import data_config, make_optimizer, plan_run, step_milestones
+from lars.plan import plan_run
 from lars.schedules import lr_at
 
 
-def dry_run(args) -> dict:
+def dry_run(settings) -> dict:
     """Print the plan for `--ranks` (default: this launch's) ranks and return it."""
-    ranks = args.ranks or launched_size()
-    if args.dataset == "sample":
-        root = build_sample_dataset(quiet=True)
-        args.train_dir, args.val_dir = str(root / "train"), str(root / "val")
-    try:
-        train, val, classes = build_datasets(data_config(args, workers=0))
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
-    plan = plan_run(args, ranks, len(train), len(val))
-    model = build_model(args.model, len(classes))
-    _, groups = make_optimizer(args, model, plan)
+    ranks = settings.batch.ranks or launched_size()
+    train, val, classes = build_datasets(settings)
+    plan = plan_run(settings, ranks, len(train), len(val))
+    model = build_model(settings, len(classes))
+    _, groups = build_optimizer(settings, model, plan)
     total, warm = plan.total_steps, plan.warmup_steps
     points = sorted({0, warm // 2, warm, total // 4, total // 2, 3 * total // 4, total - 1})
-    schedule = {
-        step: lr_at(
-            step,
-            schedule=args.schedule,
-            base_lr=plan.lr,
-            total_steps=total,
-            warmup_steps=warm,
-            end_lr=args.end_lr,
-            power=args.lr_power,
-            milestones=step_milestones(plan),
-        )
-        for step in points
-    }
+    arguments = schedule_arguments(settings, plan)
+    schedule = {step: lr_at(step, base_lr=plan.lr, **arguments) for step in points}
     if launched_rank() != 0:
         return {"plan": plan, "lr": schedule}
+    s, opt = settings, settings.optimizer
     print(
-        f"dry run: {args.dataset} ({len(train)} train, {len(val)} val images, "
-        f"{len(classes)} classes), {args.model}, {args.base_op}, {ranks} rank(s)"
+        f"dry run: {s.data.dataset} ({len(train)} train, {len(val)} val images, "
+        f"{len(classes)} classes), {s.model.model}, {opt.base_op}, {ranks} rank(s)"
     )
     print(
-        f"global batch       {plan.global_batch_size} = {args.batch_size} per micro-batch x "
-        f"{ranks} ranks x {args.batches_per_allreduce} micro-batches per step"
+        f"global batch       {plan.global_batch_size} = {plan.micro_batch} per micro-batch x "
+        f"{ranks} ranks x {plan.batches_per_allreduce} micro-batches per step"
     )
     print(
-        f"learning rate      {plan.lr:.6g} = {args.lr_scaling} scaling of base {args.base_lr:g}"
-        f" (reference batch {args.lr_reference_batch})"
+        f"learning rate      {plan.lr:.6g} = {opt.lr_scaling} scaling of base {opt.base_lr:g}"
+        f" (reference batch {opt.lr_reference_batch})"
     )
     print(
-        f"steps              {plan.steps_per_epoch} per epoch x {args.epochs} epochs = {total}"
-        f"; warm-up {warm} steps ({args.warmup_epochs:g} epochs); schedule {args.schedule}"
+        f"steps              {plan.steps_per_epoch} per epoch x {plan.epochs} epochs = {total}"
+        f"; warm-up {warm} steps ({s.schedule.warmup_epochs:g} epochs); "
+        f"schedule {s.schedule.schedule}"
     )
     phi = None
-    if args.base_op == "tvlars":
+    if opt.base_op == "tvlars":
         from lars.optim.tvlars import tvlars_phi
 
-        t = torch.tensor([float(s + 1) for s in points], dtype=torch.float64)
+        t = torch.tensor([float(step + 1) for step in points], dtype=torch.float64)
         phi = tvlars_phi(
             t,
-            lmbda=args.lmbda,
-            alpha=args.tv_alpha,
+            lmbda=opt.lmbda,
+            alpha=opt.tv_alpha,
             delay_steps=plan.tv_delay_steps,
-            min_scale=args.tv_min_scale,
+            min_scale=opt.tv_min_scale,
         ).tolist()
     for i, step in enumerate(points):
         extra = f"   tvlars phi {phi[i]:.4g}" if phi else ""

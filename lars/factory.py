@@ -18,139 +18,134 @@ TVLARS's phi offset, and handing TVLARS's alpha = 1 to RMSprop would freeze its 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-__all__ = ["HYPERPARAMETERS", "OPTIMIZERS", "build_optimizer", "unused_hyperparameters"]
+from lars.checks import FLAG_TO_HYPERPARAMETER, HYPERPARAMETER_CHECKS
+
+__all__ = [
+    "HYPERPARAMETERS",
+    "OPTIMIZERS",
+    "OPTIMIZER_SPECS",
+    "OptimizerSpec",
+    "build_optimizer",
+    "unused_hyperparameters",
+]
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("lars", "tvlars", "lamb", "sgd", "adam", "adamw", "adagrad", "rmsprop")
+
+def _lars_class(name: str) -> Callable[[], type[Optimizer]]:
+    # Imported on first use, so that this module (and its torch.optim half) never depends on
+    # the import order of the package.
+    def load() -> type[Optimizer]:
+        from lars import optim
+
+        return getattr(optim, name)
+
+    return load
+
+
+def _sgd_check(kwargs: dict) -> None:
+    if kwargs.get("nesterov") and (
+        kwargs.get("momentum", 0.0) == 0 or kwargs.get("dampening", 0.0) != 0
+    ):
+        raise ValueError("nesterov=True for sgd needs momentum > 0 and dampening = 0")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything the project knows about one optimizer; adding an optimizer is one record."""
+
+    name: str
+    load: Callable[[], type[Optimizer]]  # the class, imported on first use
+    hyperparameters: tuple[str, ...]  # the factory keys it accepts
+    base_lr: float  # --base-lr when not given, for the reference batch
+    schedule: str = "poly"  # --schedule when not given
+    lr_power: float = 1.0  # --lr-power when not given
+    warmup_epochs: float | None = None  # --warmup-epochs when not given (None: the dataset's)
+    schedules: tuple[str, ...] = ()  # the schedules it accepts (empty: every one)
+    renames: Mapping[str, str] = field(default_factory=dict)  # factory key -> argument name
+    check: Callable[[dict], None] | None = None  # checks across its arguments
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The optimizer flags (argparse dests) this optimizer uses."""
+        return tuple(f for f, key in FLAG_TO_HYPERPARAMETER.items() if key in self.hyperparameters)
+
 
 _LARS_KEYS = ("lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov")
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
-
-# The hyper-parameters each optimizer accepts (factory names; see _CONSTRUCTOR_NAME).
-HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
-    "lars": _LARS_KEYS,
-    "tvlars": (*_LARS_KEYS, "lmbda", "alpha", "delay_steps", "min_scale"),
-    "lamb": ("lr", "betas", "eps", "weight_decay"),
-    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
-    "adam": _ADAM_KEYS,
-    "adamw": _ADAM_KEYS,
-    "adagrad": ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
-    "rmsprop": ("lr", "rmsprop_alpha", "eps", "weight_decay", "momentum", "centered"),
-}
-
-# Factory names that differ from the constructor's argument name.
-_CONSTRUCTOR_NAME = {"rmsprop_alpha": "alpha"}
-
-
-def _number(key: str, value: Any, *, low: float, high: float, closed_high: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    value = float(value)
-    inside_high = value <= high if closed_high else value < high
-    if not (math.isfinite(value) and value >= low and inside_high):
-        upper = f"{high}]" if closed_high else f"{high})"
-        raise ValueError(f"{key} must lie in [{low}, {upper}, got {value}")
-    return value
-
-
-def _non_negative(key: str, value: Any) -> float:
-    return _number(key, value, low=0.0, high=math.inf, closed_high=False)
-
-
-def _positive(key: str, value: Any) -> float:
-    value = _non_negative(key, value)
-    if value == 0:
-        raise ValueError(f"{key} must be > 0, got {value}")
-    return value
-
-
-def _unit_interval_open(key: str, value: Any) -> float:  # [0, 1)
-    return _number(key, value, low=0.0, high=1.0, closed_high=False)
-
-
-def _unit_interval_closed(key: str, value: Any) -> float:  # [0, 1]
-    return _number(key, value, low=0.0, high=1.0, closed_high=True)
+# Layer-wise adaptive optimizers take rates two orders larger than SGD because
+# eta x ||w|| / ||g|| scales them down; power 2 is the LARS paper's polynomial decay.
+_SPECS = (
+    OptimizerSpec("lars", _lars_class("LARS"), _LARS_KEYS, 2.0, lr_power=2.0),
+    OptimizerSpec(
+        "tvlars",
+        _lars_class("TVLARS"),
+        (*_LARS_KEYS, "lmbda", "alpha", "delay_steps", "min_scale"),
+        2.0,
+        schedule="none",  # phi is its schedule
+        lr_power=2.0,
+        warmup_epochs=0.0,  # its early phase is plain LARS: no warm-up needed
+        schedules=("none", "constant"),
+    ),
+    OptimizerSpec("lamb", _lars_class("LAMB"), ("lr", "betas", "eps", "weight_decay"), 0.01),
+    OptimizerSpec(
+        "sgd",
+        lambda: torch.optim.SGD,
+        ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+        0.1,
+        check=_sgd_check,
+    ),
+    OptimizerSpec("adam", lambda: torch.optim.Adam, _ADAM_KEYS, 0.001),
+    OptimizerSpec("adamw", lambda: torch.optim.AdamW, _ADAM_KEYS, 0.001),
+    OptimizerSpec(
+        "adagrad",
+        lambda: torch.optim.Adagrad,
+        ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
+        0.01,
+    ),
+    OptimizerSpec(
+        "rmsprop",
+        lambda: torch.optim.RMSprop,
+        ("lr", "rmsprop_alpha", "eps", "weight_decay", "momentum", "centered"),
+        0.01,
+        renames={"rmsprop_alpha": "alpha"},
+    ),
+)
+OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}
+OPTIMIZERS = tuple(OPTIMIZER_SPECS)
+# The hyper-parameters each optimizer accepts (factory names).
+HYPERPARAMETERS: dict[str, tuple[str, ...]] = {s.name: s.hyperparameters for s in _SPECS}
 
 
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be True or False, got {value!r}")
-    return value
-
-
-def _betas(key: str, value: Any) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{key} must be a pair (beta1, beta2), got {value!r}")
-    return (_unit_interval_open(f"{key}[0]", value[0]), _unit_interval_open(f"{key}[1]", value[1]))
-
-
-_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
-    "lr": _non_negative,
-    "momentum": _unit_interval_open,
-    "weight_decay": _non_negative,
-    "trust_coefficient": _positive,
-    "eps": _non_negative,
-    "nesterov": _flag,
-    "lmbda": _non_negative,
-    "alpha": _positive,  # TVLARS: phi <= 1 / alpha + min_scale, so alpha = 0 is unbounded
-    "delay_steps": _non_negative,  # optimizer steps; phi is continuous, so a fraction is fine
-    "min_scale": _non_negative,
-    "betas": _betas,
-    "dampening": _unit_interval_closed,
-    "amsgrad": _flag,
-    "lr_decay": _non_negative,
-    "initial_accumulator_value": _non_negative,
-    "rmsprop_alpha": _unit_interval_closed,
-    "centered": _flag,
-}
-
-
-def _canonical(name: str) -> str:
+def _spec(name: str) -> OptimizerSpec:
     key = name.strip().lower() if isinstance(name, str) else name
-    if key not in HYPERPARAMETERS:
+    if key not in OPTIMIZER_SPECS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
-    return key
+    return OPTIMIZER_SPECS[key]
 
 
 def _check_known(hyper: Mapping[str, Any]) -> None:
-    unknown = sorted(set(hyper) - set(_VALIDATORS))
+    unknown = sorted(set(hyper) - set(HYPERPARAMETER_CHECKS))
     if unknown:
         raise ValueError(
             f"unknown hyper-parameter(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_VALIDATORS))}"
+            f"known: {', '.join(sorted(HYPERPARAMETER_CHECKS))}"
         )
 
 
 def unused_hyperparameters(name: str, hyper: Mapping[str, Any]) -> list[str]:
     """Sorted keys of `hyper` (None values aside) that optimizer `name` does not use."""
-    accepted = HYPERPARAMETERS[_canonical(name)]
+    accepted = _spec(name).hyperparameters
     _check_known(hyper)
     return sorted(key for key, value in hyper.items() if value is not None and key not in accepted)
-
-
-def _optimizer_class(name: str) -> type[Optimizer]:
-    if name in ("lars", "tvlars", "lamb"):
-        # Imported here so that this module (and its torch.optim half) never depends on the
-        # import order of the package.
-        from lars import optim as lars_optim
-
-        return {"lars": lars_optim.LARS, "tvlars": lars_optim.TVLARS, "lamb": lars_optim.LAMB}[name]
-    return {
-        "sgd": torch.optim.SGD,
-        "adam": torch.optim.Adam,
-        "adamw": torch.optim.AdamW,
-        "adagrad": torch.optim.Adagrad,
-        "rmsprop": torch.optim.RMSprop,
-    }[name]
 
 
 def build_optimizer(
@@ -162,32 +157,27 @@ def build_optimizer(
     `lars.param_groups(model, weight_decay)`; options the groups carry override `hyper`.
     Accepted keys per name are in `HYPERPARAMETERS`; LARS, TVLARS and LAMB are `lars.optim`'s
     (arguments and update equations: DESIGN.md, "The optimizers"). Raises ValueError naming the
-    optimizer or key for an unknown name or key, and for invalid values: lr, weight_decay, eps,
-    lmbda, min_scale, delay_steps, lr_decay, initial_accumulator_value < 0 or not finite;
-    momentum or a beta outside [0, 1); dampening or rmsprop_alpha outside [0, 1];
+    optimizer or key for an unknown name or key, and for invalid values (`lars.checks`): lr,
+    weight_decay, eps, lmbda, min_scale, delay_steps, lr_decay, initial_accumulator_value < 0 or
+    not finite; momentum or a beta outside [0, 1); dampening or rmsprop_alpha outside [0, 1];
     trust_coefficient or alpha <= 0; nesterov, amsgrad, centered not bool; nesterov for sgd
     without momentum. TypeError if `params` is an nn.Module.
     """
-    key = _canonical(name)
+    spec = _spec(name)
     if isinstance(params, nn.Module):
         raise TypeError(
             "build_optimizer takes parameters, not a module: pass "
             "lars.param_groups(model, weight_decay) or model.parameters()"
         )
     _check_known(hyper)
-    accepted = HYPERPARAMETERS[key]
     kwargs = {
-        _CONSTRUCTOR_NAME.get(k, k): _VALIDATORS[k](k, v)
+        spec.renames.get(k, k): HYPERPARAMETER_CHECKS[k](k, v)
         for k, v in hyper.items()
-        if v is not None and k in accepted
+        if v is not None and k in spec.hyperparameters
     }
-    if (
-        key == "sgd"
-        and kwargs.get("nesterov")
-        and (kwargs.get("momentum", 0.0) == 0 or kwargs.get("dampening", 0.0) != 0)
-    ):
-        raise ValueError("nesterov=True for sgd needs momentum > 0 and dampening = 0")
-    unused = unused_hyperparameters(key, hyper)
+    if spec.check is not None:
+        spec.check(kwargs)
+    unused = unused_hyperparameters(spec.name, hyper)
     if unused:
-        logger.info("optimizer %s does not use: %s (ignored)", key, ", ".join(unused))
-    return _optimizer_class(key)(params, **kwargs)
+        logger.info("optimizer %s does not use: %s (ignored)", spec.name, ", ".join(unused))
+    return spec.load()(params, **kwargs)

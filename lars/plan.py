@@ -1,112 +1,120 @@
-"""The numbers a run derives from its flags and world size, decided before any training."""
+"""The run plan: the batch geometry and every count derived from it, decided before training.
+
+global batch B = micro-batch b x ranks W x batches per allreduce k. An epoch is `steps_per_epoch`
+whole global batches: DistributedSampler gives each rank ceil(N / W) samples, the loader drops
+the last partial micro-batch, and the micro-batches that would not fill a group of k are dropped
+(Horovod needs exactly k backward passes per step, horovod#2466). `RunPlan.replan` gives the plan
+for another geometry between two steps (a batch that grows during the run).
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
-import torch.nn as nn
-
-from lars.config import UsageError
-from lars.data.loaders import DataConfig
-from lars.factory import build_optimizer
-from lars.param_groups import param_groups
+from lars.errors import SettingError
 from lars.schedules import STEP_DECAY_EPOCHS, epochs_to_steps, scale_lr
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunPlan:
-    """Saved in config.json and printed at start-up."""
+    """Saved in config.json ("plan", with the derived counts) and printed at start-up."""
 
     world_size: int
-    global_batch_size: int
-    lr: float
+    micro_batch: int  # images per rank per micro-batch
+    batches_per_allreduce: int  # k: micro-batches per optimizer step
     train_images: int
     val_images: int
-    micro_batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
+    epochs: int
+    max_steps: int | None
+    lr: float  # the peak rate, scaled for the global batch
     warmup_steps: int
     tv_delay_steps: int
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch * self.world_size * self.batches_per_allreduce
 
-def plan_run(args, world_size: int, train_images: int, val_images: int) -> RunPlan:
-    """Global batch, scaled LR and step counts. An epoch is `steps_per_epoch` whole global
-    batches: DistributedSampler gives each rank ceil(N / W) samples, the loader drops the last
-    partial micro-batch, and the micro-batches that would not fill a group of k are dropped."""
-    per_rank = -(-train_images // world_size)
-    micro = per_rank // args.batch_size
-    steps = micro // args.batches_per_allreduce
-    global_batch = args.batch_size * world_size * args.batches_per_allreduce
-    if steps == 0:
-        raise UsageError(
-            f"the global batch ({args.batch_size} x {world_size} ranks x "
-            f"{args.batches_per_allreduce} = {global_batch}) is larger than the training set "
-            f"({train_images} images): lower --batch-size or --batches-per-allreduce"
+    @property
+    def samples_per_rank_per_step(self) -> int:
+        return self.micro_batch * self.batches_per_allreduce
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return -(-self.train_images // self.world_size) // self.micro_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.micro_batches_per_epoch // self.batches_per_allreduce
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def last_step(self) -> int:
+        """The step the run stops at: the schedule's end, or --max-steps if sooner."""
+        return min(self.max_steps or self.total_steps, self.total_steps)
+
+    def step_milestones(self) -> list[int]:
+        """The step schedule's decay points (epochs 30/60/80 of Goyal et al.), in steps."""
+        return [self.steps_per_epoch * epoch for epoch in STEP_DECAY_EPOCHS]
+
+    def to_dict(self) -> dict:
+        derived = ("global_batch_size", "micro_batches_per_epoch", "steps_per_epoch", "total_steps")
+        return {**asdict(self), **{key: getattr(self, key) for key in derived}}
+
+    def replan(self, settings, micro_batch: int, batches_per_allreduce: int) -> RunPlan:
+        """The plan of the same run with another batch geometry (call between steps)."""
+        return plan_run(
+            settings,
+            self.world_size,
+            self.train_images,
+            self.val_images,
+            micro_batch=micro_batch,
+            batches_per_allreduce=batches_per_allreduce,
         )
-    return RunPlan(
+
+
+def plan_run(
+    settings,
+    world_size: int,
+    train_images: int,
+    val_images: int,
+    micro_batch: int | None = None,
+    batches_per_allreduce: int | None = None,
+) -> RunPlan:
+    """The plan for `settings` on `world_size` ranks; the geometry defaults to the settings'
+    (the only place that reads --batch-size and --batches-per-allreduce for training)."""
+    opt, sched = settings.optimizer, settings.schedule
+    plan = RunPlan(
         world_size=world_size,
-        global_batch_size=global_batch,
-        lr=scale_lr(args.base_lr, global_batch, args.lr_reference_batch, args.lr_scaling),
+        micro_batch=micro_batch or settings.batch.batch_size,
+        batches_per_allreduce=batches_per_allreduce or settings.batch.batches_per_allreduce,
         train_images=train_images,
         val_images=val_images,
-        micro_batches_per_epoch=micro,
-        steps_per_epoch=steps,
-        total_steps=steps * args.epochs,
-        warmup_steps=epochs_to_steps(args.warmup_epochs, steps),
-        tv_delay_steps=epochs_to_steps(args.tv_delay_epochs, steps),
+        epochs=sched.epochs,
+        max_steps=sched.max_steps,
+        lr=0.0,
+        warmup_steps=0,
+        tv_delay_steps=0,
+    )
+    steps, batch = plan.steps_per_epoch, plan.global_batch_size
+    if steps == 0:
+        raise SettingError(
+            f"the global batch ({plan.micro_batch} x {world_size} ranks x "
+            f"{plan.batches_per_allreduce} = {batch}) is larger than the training set "
+            f"({train_images} images): lower --batch-size or --batches-per-allreduce"
+        )
+    return replace(
+        plan,
+        lr=scale_lr(opt.base_lr, batch, opt.lr_reference_batch, opt.lr_scaling),
+        warmup_steps=epochs_to_steps(sched.warmup_epochs, steps),
+        tv_delay_steps=epochs_to_steps(opt.tv_delay_epochs, steps),
     )
 
 
-def step_milestones(plan: RunPlan) -> list[int]:
-    """The step schedule's decay points (epochs 30/60/80 of Goyal et al.) in optimizer steps."""
-    return [plan.steps_per_epoch * epoch for epoch in STEP_DECAY_EPOCHS]
-
-
-def default_log_dir(args, global_batch: int) -> str:
+def default_log_dir(values: dict, global_batch: int) -> str:
     """runs/<dataset>-<model>-<optimizer>-gb<global batch>: the same command resumes itself."""
-    return os.path.join("runs", f"{args.dataset}-{args.model}-{args.base_op}-gb{global_batch}")
-
-
-def data_config(args, workers: int) -> DataConfig:
-    return DataConfig(
-        train_dir=args.train_dir,
-        val_dir=args.val_dir,
-        synthetic=args.synthetic,
-        image_size=args.image_size,
-        min_crop_scale=args.min_crop_scale,
-        hflip=args.hflip,
-        batch_size=args.batch_size,
-        val_batch_size=args.val_batch_size,
-        workers=workers,
-        seed=args.seed,
-        strict_data=args.strict_data,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        val_crop_ratio=args.val_crop_ratio,
-        fast_jpeg=args.fast_jpeg,
-    )
-
-
-def make_optimizer(args, model: nn.Module, plan: RunPlan):
-    """The optimizer of --base-op over one group, or (--bn-bias-separately) the decayed and
-    adapted weights plus a group of biases and normalisation parameters without either."""
-    if args.bn_bias_separately:
-        groups = param_groups(model, args.wd)
-    else:
-        groups = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}
-        ]
-    optimizer = build_optimizer(
-        args.base_op,
-        groups,
-        lr=plan.lr,
-        momentum=args.momentum,
-        weight_decay=args.wd,
-        trust_coefficient=args.trust_coefficient,
-        lmbda=args.lmbda,
-        alpha=args.tv_alpha,
-        delay_steps=plan.tv_delay_steps,
-        min_scale=args.tv_min_scale,
-    )
-    return optimizer, groups
+    name = f"{values['dataset']}-{values['model']}-{values['base_op']}-gb{global_batch}"
+    return os.path.join("runs", name)

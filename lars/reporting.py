@@ -122,9 +122,3 @@ class Reporter:
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def error(message: str, rank: int = 0) -> None:
-    """One line on stderr, from rank 0 only (every rank hits the same bad input)."""
-    if rank == 0:
-        print(f"pytorch_imagenet_resnet.py: error: {message}", file=sys.stderr, flush=True)

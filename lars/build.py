@@ -1,0 +1,137 @@
+"""The `build_*` functions: from settings (and the plan) to the run's pieces.
+
+Training (`lars.train.build_run`) and `--dry-run` (`lars.dryrun`) call the same functions, so the
+plan a dry run prints is the one a run trains with.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from lars.checks import FLAG_TO_HYPERPARAMETER
+from lars.data.loaders import DataConfig, Loaders
+from lars.errors import DataError
+from lars.factory import OPTIMIZER_SPECS
+from lars.factory import build_optimizer as build_optimizer_by_name
+from lars.param_groups import param_groups
+from lars.schedules import build_scheduler as build_closed_form_scheduler
+from lars.step import StepContext
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def data_config(settings, workers: int) -> DataConfig:
+    d, b = settings.data, settings.batch
+    return DataConfig(
+        train_dir=d.train_dir,
+        val_dir=d.val_dir,
+        synthetic=d.synthetic,
+        image_size=d.image_size,
+        min_crop_scale=d.min_crop_scale,
+        hflip=d.hflip,
+        batch_size=b.batch_size,
+        val_batch_size=b.val_batch_size,
+        workers=workers,
+        seed=settings.run.seed,
+        # Unreadable files always come back as skipped samples; --strict-data stops the run in
+        # the training process (lars.train.check_strict_data), where the path is known.
+        strict_data=False,
+        dataset=d.dataset,
+        data_dir=d.data_dir,
+        val_crop_ratio=d.val_crop_ratio,
+        fast_jpeg=d.fast_jpeg,
+    )
+
+
+def build_datasets(settings, quiet: bool = True):
+    """(train, val, classes), the sample set built on first use; DataError on bad data."""
+    from lars.data.loaders import build_datasets as datasets_of
+    from lars.data.sample import build_sample_dataset
+
+    if settings.data.dataset == "sample":  # safe when all ranks start at once
+        build_sample_dataset(os.path.dirname(settings.data.train_dir), quiet=quiet)
+    try:
+        return datasets_of(data_config(settings, workers=0))
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(str(error)) from None
+
+
+def build_loaders(settings, rank: int, world_size: int, cuda: bool, datasets) -> Loaders:
+    from lars.data.loaders import build_loaders as loaders_of
+
+    config = data_config(settings, settings.data.workers)
+    return loaders_of(config, rank, world_size, pin_memory=cuda, datasets_=datasets)
+
+
+def build_model(settings, num_classes: int, device: torch.device | None = None) -> torch.nn.Module:
+    from lars.models import build_model as model_of
+
+    model = model_of(settings.model.model, num_classes).to(device or "cpu")
+    if settings.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(settings, model: torch.nn.Module, plan):
+    """(optimizer, groups): --base-op over one group, or (--bn-bias-separately) the decayed and
+    adapted weights plus a group of biases and normalisation parameters without either."""
+    opt = settings.optimizer
+    if opt.bn_bias_separately:
+        groups = param_groups(model, opt.wd)
+    else:
+        groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": opt.wd}
+        ]
+    spec = OPTIMIZER_SPECS[opt.base_op]
+    hyper = {FLAG_TO_HYPERPARAMETER[flag]: getattr(opt, flag) for flag in spec.flags}
+    if "delay_steps" in hyper:  # --tv-delay-epochs, in optimizer steps
+        hyper["delay_steps"] = plan.tv_delay_steps
+    return build_optimizer_by_name(opt.base_op, groups, lr=plan.lr, **hyper), groups
+
+
+def schedule_arguments(settings, plan) -> dict:
+    """The keyword arguments of `lars.schedules.build_scheduler` and `lr_at` for this run."""
+    s = settings.schedule
+    return dict(
+        schedule=s.schedule,
+        total_steps=plan.total_steps,
+        warmup_steps=plan.warmup_steps,
+        end_lr=s.end_lr,
+        power=s.lr_power,
+        milestones=plan.step_milestones(),
+    )
+
+
+def build_scheduler(settings, optimizer, plan):
+    return build_closed_form_scheduler(optimizer, **schedule_arguments(settings, plan))
+
+
+def build_scaler(settings, device: torch.device):
+    return torch.amp.GradScaler(device.type) if settings.model.amp == "fp16" else None
+
+
+def build_step_context(settings, plan, dist, device, model, optimizer, scheduler, scaler, uint8):
+    """The step's pieces; `model` is wrapped for the backend (DDP) and compiled if asked."""
+    from lars.data.fast import normalize_batch
+
+    forward_model = dist.wrap_model(model)
+    if settings.model.compile:
+        forward_model = torch.compile(forward_model)
+    return StepContext(
+        model=forward_model,
+        loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=settings.model.label_smoothing),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        dist=dist,
+        device=device,
+        batches_per_allreduce=plan.batches_per_allreduce,
+        amp_dtype=AMP_DTYPES.get(settings.model.amp),
+        scaler=scaler,
+        channels_last=settings.model.channels_last,
+        clip_grad_norm=settings.optimizer.clip_grad_norm,
+        # uint8 batches from the fast pipeline are normalised once per batch, on the device.
+        prepare=functools.partial(normalize_batch, device=device) if uint8 else None,
+    )
