@@ -8,6 +8,9 @@
 #   LARS_CACHE     cache for the built Horovod wheel         (default: ~/.cache/lars-imagenet)
 #   PYTHON         interpreter used to create the venv       (default: python3)
 #   LARS_SKIP_HOROVOD=1  do not build Horovod (single-process training still works)
+#   LARS_WITH_DALI=0     do not install NVIDIA DALI (--data-backend dali-cpu/dali-gpu); it is
+#                        installed by default on Linux x86_64/aarch64 (about 550 MB), so that
+#                        the test suite runs its DALI tests
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,6 +20,8 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 HOROVOD_VERSION=0.28.1
+DALI_PACKAGE=nvidia-dali-cuda130  # matches torch's CUDA 13.0 build; CPU pipelines need no GPU
+DALI_VERSION=2.4.0
 
 say() { echo "[setup] $*"; }
 
@@ -83,6 +88,21 @@ else
   PY="$PY" CACHE="$CACHE" HOROVOD_VERSION="$HOROVOD_VERSION" bash "$ROOT/launch/build_horovod.sh"
 fi
 
-# 7. The embedded sample dataset (skipped when it is already complete).
+# 7. NVIDIA DALI (optional data backend). The marker tells tests/test_dali.py that this venv
+#    was meant to have it, so a broken install fails the tests instead of skipping them.
+dali_marker="$VENV/.lars-with-dali"
+if [ "${LARS_WITH_DALI:-1}" = 0 ] || ! [[ $(uname -sm) =~ ^Linux\ (x86_64|aarch64)$ ]]; then
+  say "not installing NVIDIA DALI (LARS_WITH_DALI=0, or no wheel for $(uname -sm))"
+  rm -f "$dali_marker"
+elif has_version nvidia.dali "$DALI_VERSION"; then
+  say "NVIDIA DALI $DALI_VERSION already installed"
+  touch "$dali_marker"
+else
+  say "installing $DALI_PACKAGE $DALI_VERSION (about 550 MB)"
+  pip_install "$DALI_PACKAGE==$DALI_VERSION"
+  touch "$dali_marker"
+fi
+
+# 8. The embedded sample dataset (skipped when it is already complete).
 "$PY" "$ROOT/data/build_sample.py" --quiet
 say "done: activate with 'source $VENV/bin/activate'"

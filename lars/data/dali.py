@@ -116,6 +116,7 @@ def train_graph(jpegs, *, size: int, min_crop_scale: float, hflip: bool, gpu: bo
         jpegs,
         **(decoder if gpu else dict(device="cpu")),
         output_type=types.RGB,
+        adjust_orientation=False,  # PIL (the pytorch backend) ignores EXIF orientation too
         random_area=[min_crop_scale, 1.0],
         random_aspect_ratio=[3 / 4, 4 / 3],
         num_attempts=10,
@@ -128,30 +129,50 @@ def train_graph(jpegs, *, size: int, min_crop_scale: float, hflip: bool, gpu: bo
 
 
 def val_graph(jpegs, *, size: int, crop_ratio: float, gpu: bool):
-    """DALI graph: short side to round(size / crop_ratio) (antialiased bilinear), centre crop."""
-    from nvidia.dali import fn, types
+    """DALI graph: torchvision's Resize(round(size / crop_ratio)) + CenterCrop(size), exactly.
 
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    The sizes and offsets are computed per image from its header as torchvision computes them:
+    the short side becomes r = round(size / crop_ratio), the long one floor(r * long / short);
+    the crop starts at round((new - size) / 2) with Python's round-half-to-even, where DALI's own
+    centred crop would round 16.5 up, a one-pixel shift.
+    """
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    resize_to = int(round(size / crop_ratio))
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # (H, W, C), as PIL sees it
+    height, width = shape[0], shape[1]
+    short = dmath.min(height, width)
+    new_height, new_width = resize_to * height // short, resize_to * width // short
+    images = fn.decoders.image(
+        jpegs,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        adjust_orientation=False,
+    )
     images = fn.resize(
         images,
-        resize_shorter=int(round(size / crop_ratio)),
+        size=fn.cast(fn.stack(new_height, new_width), dtype=types.FLOAT),
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
-    return fn.crop_mirror_normalize(
-        images,
-        dtype=types.UINT8,
-        output_layout="CHW",
-        crop=(size, size),
-        crop_pos_x=0.5,
-        crop_pos_y=0.5,
-    )
+    anchor = fn.stack(_half_to_even(new_height - size), _half_to_even(new_width - size))
+    images = fn.slice(images, fn.cast(anchor, dtype=types.INT32), [size, size], axes=[0, 1])
+    return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW")
+
+
+def _half_to_even(excess):
+    """round(excess / 2) for an integer DALI node, halves to even (Python's round)."""
+    half = excess // 2
+    return half + (excess % 2) * (half % 2)
 
 
 def probe_graph(jpegs, *, gpu: bool):
     from nvidia.dali import fn, types
 
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    return fn.decoders.image(
+        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+    )
 
 
 def pipeline_seed(*parts) -> int:
