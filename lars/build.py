@@ -23,7 +23,7 @@ from lars.step import StepContext
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def data_config(settings, workers: int) -> DataConfig:
+def data_config(settings, workers: int, device_id: int | None = None) -> DataConfig:
     d, b = settings.data, settings.batch
     return DataConfig(
         train_dir=d.train_dir,
@@ -43,6 +43,8 @@ def data_config(settings, workers: int) -> DataConfig:
         data_dir=d.data_dir,
         val_crop_ratio=d.val_crop_ratio,
         fast_jpeg=d.fast_jpeg,
+        backend=d.data_backend,
+        device_id=device_id,
     )
 
 
@@ -59,11 +61,16 @@ def build_datasets(settings, quiet: bool = True):
         raise DataError(str(error)) from None
 
 
-def build_loaders(settings, rank: int, world_size: int, cuda: bool, datasets) -> Loaders:
+def build_loaders(settings, dist, cuda: bool, datasets) -> Loaders:
+    """This rank's loaders over `datasets`; DataError when the data backend cannot serve them."""
+    from lars.data.loaders import DataBackendError
     from lars.data.loaders import build_loaders as loaders_of
 
-    config = data_config(settings, settings.data.workers)
-    return loaders_of(config, rank, world_size, pin_memory=cuda, datasets_=datasets)
+    config = data_config(settings, settings.data.workers, dist.local_rank if cuda else None)
+    try:
+        return loaders_of(config, dist.rank, dist.size, pin_memory=cuda, datasets_=datasets)
+    except DataBackendError as error:
+        raise DataError(str(error)) from None
 
 
 def build_model(settings, num_classes: int, device: torch.device | None = None) -> torch.nn.Module:

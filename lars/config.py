@@ -57,6 +57,7 @@ SMALL_IMAGE_DEFAULTS = dict(
 )
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 DATASETS = ("imagefolder", "cifar10", "cifar100", "tinyimagenet")
+DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")  # lars.data.loaders.BACKENDS
 _BASE_LR_HELP = ", ".join(f"{s.name} {s.base_lr:g}" for s in OPTIMIZER_SPECS.values())
 
 
@@ -109,6 +110,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="ImageFolder JPEGs through the fast pipeline (crop box from the header, "
         "reduced-size decode, uint8 to the device); --no-fast-jpeg: torchvision's "
         "transforms (default: on)",
+    )
+    d.add_argument(
+        "--data-backend",
+        choices=DATA_BACKENDS,
+        default="pytorch",
+        help="pytorch (DataLoader workers), dali-cpu or dali-gpu (NVIDIA DALI pipelines), "
+        "synthetic (random tensors) (default: pytorch)",
     )
     d.add_argument(
         "--workers",

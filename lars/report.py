@@ -58,7 +58,7 @@ class RunDirError(ValueError):
 
 
 @dataclass
-class Run:
+class RunRecord:
     """One training run: its folder name, config.json contents and every scalar it logged."""
 
     name: str
@@ -133,7 +133,7 @@ def _read_scalars(folder: Path) -> dict[str, Series]:
     return scalars
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path) -> RunRecord:
     """Read one run folder (a `--log-dir`). Raises RunDirError naming the folder or file."""
     folder = Path(path)
     if not folder.is_dir():
@@ -141,12 +141,12 @@ def load_run(path: str | Path) -> Run:
     if not any(folder.glob(EVENT_FILE_PATTERN)):
         raise RunDirError(f"{path}: no TensorBoard event files ({EVENT_FILE_PATTERN}) in it")
     config = _read_config(folder)
-    return Run(
+    return RunRecord(
         name=folder.resolve().name, config=config, scalars=_read_scalars(folder), path=folder
     )
 
 
-def run_labels(runs: Sequence[Run]) -> list[str]:
+def run_labels(runs: Sequence[RunRecord]) -> list[str]:
     """Legend labels: the optimizer name, made unique with the folder name where runs share it."""
     base = [run.optimizer or run.name for run in runs]
     return [
@@ -155,7 +155,7 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
     ]
 
 
-def _series(run: Run, tag: str) -> Series:
+def _series(run: RunRecord, tag: str) -> Series:
     return run.mean_trust_ratio() if tag == "trust_ratio" else run.scalars.get(tag, [])
 
 
@@ -208,7 +208,7 @@ def _number(value: float | int | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def summary_markdown(runs: Sequence[Run]) -> str:
+def summary_markdown(runs: Sequence[RunRecord]) -> str:
     """The markdown table written to summary.md (final = value at the highest logged step)."""
     header = (
         "| run | optimizer | global batch | lr | steps | val top-1 (%) | val top-5 (%) "
@@ -237,7 +237,7 @@ def summary_markdown(runs: Sequence[Run]) -> str:
     )
 
 
-def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+def write_report(runs: Sequence[RunRecord], out_dir: str | Path) -> list[Path]:
     """Write the four PNG plots and summary.md into `out_dir`; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

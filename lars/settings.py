@@ -22,6 +22,7 @@ class DataSettings:
     hflip: bool
     val_crop_ratio: float
     fast_jpeg: bool
+    data_backend: str  # pytorch, dali-cpu, dali-gpu, synthetic
     workers: int
     strict_data: bool
 

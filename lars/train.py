@@ -103,7 +103,7 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     found = build_datasets(settings, quiet=launched_rank() != 0)
     dist = init_distributed(hw.backend, cuda, hw.stall_timeout, hw.fp16_allreduce, hw.use_adasum)
     device = _configure_torch(settings, dist, cuda)
-    data = build_loaders(settings, dist.rank, dist.size, cuda, found)
+    data = build_loaders(settings, dist, cuda, found)
     plan = plan_run(settings, dist.size, data.train_size, data.val_size)
     model = build_model(settings, data.num_classes, device)
     optimizer, groups = build_optimizer(settings, model, plan)
@@ -387,8 +387,7 @@ def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=
         return state.last_validation
     meter, started = TrainMeter(parts.device), time.perf_counter()
     stop = StopAgreement(parts.dist, parts.preemption)
-    stop.after_step()  # a signal received during start-up: all ranks agree before step one
-    if stop.drain():
+    if stop.after_step():  # a signal received during start-up: all ranks agree before step one
         raise _preempted(parts, state, saved=False)  # nothing new to checkpoint
     parts.model.train()
     parts.watchdog.start()

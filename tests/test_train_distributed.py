@@ -208,7 +208,7 @@ def test_validation_metrics_are_whole_set_metrics(tmp_path, sample_root):
         )
     )
     payload, _ = _final_params(log_dir)
-    reported = payload["final"]
+    reported = payload["last_validation"]
 
     from lars.data.fast import FastImageFolder, normalize_batch
     from lars.data.loaders import collate_skipping_bad
