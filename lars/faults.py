@@ -4,10 +4,8 @@ Preemption: SLURM (`--signal`) or an operator sends SIGUSR1 or SIGTERM. The hand
 the request; after the current optimizer step every rank learns, through one small allreduce that
 all ranks join, whether any rank was signalled, so they all stop after the same step; rank 0 writes
 a checkpoint and the job exits with `REQUEUE_EXIT_STATUS`, which a batch script turns into a
-requeue. A second signal exits at once (status 128 + signal number).
-
-The allreduce of the stop flag is asynchronous: it is started after step s and read after step
-s + 1, so it never waits on the network; a stop therefore happens one step after the signal.
+requeue. Repeats within a few seconds (SLURM's SIGTERM, SIGCONT, SIGTERM) are the same request;
+a later signal exits at once (status 128 + signal number): lars/signals.py has the rules.
 """
 
 from __future__ import annotations
@@ -42,17 +40,30 @@ NONFINITE_EXIT_STATUS = 4  # --nonfinite abort: too many non-finite steps in a r
 
 
 class StopAgreement:
-    """Pipelined agreement on 'some rank wants to stop': one tiny CPU allreduce per step."""
+    """Agreement on 'some rank wants to stop': one tiny CPU allreduce per step, all ranks join.
+
+    The first call (the loop makes it before the first step) waits for its allreduce, so a
+    signal received during start-up stops every rank before any step. Later calls are
+    pipelined: the flag sent after step s is read after step s + 1, so they never wait on the
+    network and a signal stops the run one step after the step during which it arrived.
+    """
 
     def __init__(self, dist, handler: PreemptionHandler) -> None:
         self.dist, self.handler = dist, handler
         self.pending = None
+        self.calls = 0
+
+    def _flag(self):
+        return torch.tensor([1 if self.handler.received is not None else 0], dtype=torch.int32)
 
     def after_step(self) -> bool:
-        """Call once per optimizer step on every rank; True when all ranks must stop now."""
+        """Call on every rank before the first optimizer step and after each one; True when
+        all ranks must stop now (then call drain() and checkpoint)."""
+        self.calls += 1
+        if self.calls == 1:
+            return int(self.dist.wait(self.dist.allreduce_sum_async(self._flag()))[0]) > 0
         stop = self.drain()  # started one step ago: already complete, no waiting
-        flag = torch.tensor([1 if self.handler.received is not None else 0], dtype=torch.int32)
-        self.pending = self.dist.allreduce_sum_async(flag)
+        self.pending = self.dist.allreduce_sum_async(self._flag())
         return stop
 
     def drain(self) -> bool:

@@ -32,6 +32,7 @@ case ${FAKE_SRUN_MODE:-status} in
   trap) stop=0
         trap 'echo USR1 >> "$FAKE_LOG_DIR/trap.signals"; stop=1' USR1
         trap 'echo TERM >> "$FAKE_LOG_DIR/trap.signals"; stop=1' TERM
+        [ -z "${FAKE_JOB_INFO_ON_STOP:-}" ] || trap 'echo TERM >> "$FAKE_LOG_DIR/trap.signals"; echo "$FAKE_JOB_INFO_ON_STOP" > "$FAKE_LOG_DIR/job.info"; stop=1' TERM
         echo $$ > "$FAKE_LOG_DIR/trap.pid"
         while [ "$stop" = 0 ]; do sleep 0.05; done
         sleep 0.5
@@ -39,9 +40,21 @@ case ${FAKE_SRUN_MODE:-status} in
 esac
 exit "${FAKE_SRUN_STATUS:-0}"
 """,
+    # scontrol: `show job -o ID` prints $FAKE_LOG_DIR/job.info (a test may rewrite it while the
+    # job runs; default: a running job that was never requeued); `requeue` exits with
+    # FAKE_SCONTROL_STATUS. Every call is one line of scontrol.calls.
     "scontrol": """
 printf '%s\\0' "$@" > "$FAKE_LOG_DIR/scontrol.args"
+echo "$*" >> "$FAKE_LOG_DIR/scontrol.calls"
+if [ "$1" = show ]; then
+  if [ -f "$FAKE_LOG_DIR/job.info" ]; then cat "$FAKE_LOG_DIR/job.info"
+  else echo "JobId=$3 JobName=x JobState=RUNNING Reason=None Requeue=1 Restarts=${SLURM_RESTART_COUNT:-0} StdOut=/dev/null"; fi
+  exit 0
+fi
 exit "${FAKE_SCONTROL_STATUS:-0}"
+""",
+    "squeue": """
+echo "${FAKE_TIME_LEFT:-UNLIMITED}"
 """,
     "mpirun": """
 if [ "${1:-}" = --version ]; then echo "fake mpirun"; exit 0; fi
@@ -90,6 +103,12 @@ class FakeCluster:
         )
         env.update(extra)
         return env
+
+    def requeues(self) -> list[str]:
+        """The `scontrol requeue` calls, as their argument strings."""
+        path = self.logs / "scontrol.calls"
+        calls = path.read_text().splitlines() if path.exists() else []
+        return [call for call in calls if call.startswith("requeue")]
 
     def args(self, name: str) -> list[str] | None:
         path = self.logs / f"{name}.args"
@@ -165,7 +184,7 @@ def test_srun_gets_the_training_command_and_its_arguments(cluster):
         str(cluster.log_root / "r50-lars"),
         *train_args,
     ]
-    assert cluster.args("scontrol") is None
+    assert cluster.requeues() == []
 
 
 def test_srun_mpi_type_extra_flags_and_a_given_log_dir(cluster):
@@ -210,27 +229,114 @@ def test_mpirun_launcher_starts_one_rank_per_task(cluster):
 def test_requeue_status_requeues_the_job_and_exits_0(cluster):
     result = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_SRUN_STATUS="3")
     assert result.returncode == 0, result.stderr
-    assert cluster.args("scontrol") == ["requeue", JOB_ID]
-    assert "requeueing job 4242" in result.stdout
+    assert cluster.requeues() == [f"requeue {JOB_ID}"]
+    assert "requeueing job 4242" in result.stderr
 
 
 @pytest.mark.parametrize("status", [1, 2, 137])
 def test_other_failures_are_passed_on(cluster, status):
     result = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_SRUN_STATUS=str(status))
     assert result.returncode == status
-    assert cluster.args("scontrol") is None
+    assert cluster.requeues() == []
     assert f"training exited with status {status}" in result.stderr
 
 
 def test_no_requeue_when_scontrol_fails_or_after_max_requeues(cluster):
     failed = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_SRUN_STATUS="3", FAKE_SCONTROL_STATUS="1")
     assert failed.returncode == 3 and "scontrol requeue 4242 failed" in failed.stderr
-    (cluster.logs / "scontrol.args").unlink()
+    (cluster.logs / "scontrol.calls").unlink()
     limit = cluster.sbatch(
         str(SBATCH_SCRIPT), FAKE_SRUN_STATUS="3", SLURM_RESTART_COUNT="5", MAX_REQUEUES="5"
     )
     assert limit.returncode == 3 and "not requeueing" in limit.stderr
-    assert cluster.args("scontrol") is None
+    assert cluster.requeues() == []
+
+
+def job_info(cluster, state: str, reason: str, restarts: int, stdout: str = "/dev/null") -> None:
+    """What `scontrol show job -o` answers from now on (measured forms: launch/slurm/job_state.sh)."""
+    (cluster.logs / "job.info").write_text(
+        f"JobId={JOB_ID} JobName=x UserId=root(0) JobState={state} Reason={reason} "
+        f"Dependency=(null) Requeue=1 Restarts={restarts} BatchFlag=1 StdOut={stdout}\n"
+    )
+
+
+def test_a_cancelled_job_is_never_requeued(cluster):
+    """scancel: SLURM sends SIGTERM, the training checkpoints and exits 3; `scontrol requeue`
+    would succeed and bring the cancelled job back, so the script must not call it."""
+    job_info(cluster, "COMPLETING", "None", 0)
+    result = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_SRUN_STATUS="3")
+    assert result.returncode == 3, result.stderr
+    assert cluster.requeues() == []
+    assert "was cancelled" in result.stderr and "sbatch -J" not in result.stderr
+
+
+def test_the_time_limit_without_a_warning_requeues(cluster):
+    job_info(cluster, "COMPLETING", "TimeLimit", 2)
+    result = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_SRUN_STATUS="3", SLURM_RESTART_COUNT="2")
+    assert result.returncode == 0, result.stderr
+    assert cluster.requeues() == [f"requeue {JOB_ID}"]
+    assert "restart 3 of at most 20" in result.stderr
+
+
+def test_a_job_slurm_already_requeued_is_left_alone_and_no_resubmission_is_advised(cluster):
+    """An admin's `scontrol requeue` or preemption with PreemptMode=REQUEUE: the job's Restarts
+    count went up while it ran; a second requeue fails and a resubmission would duplicate it."""
+    job_info(cluster, "RUNNING", "None", 0)
+    job = cluster.start(
+        str(SBATCH_SCRIPT),
+        FAKE_SRUN_MODE="trap",
+        FAKE_JOB_INFO_ON_STOP=f"JobId={JOB_ID} JobState=COMPLETING Reason=None Restarts=1",
+    )
+    try:
+        wait_for((cluster.logs / "trap.pid").exists, 30, "the fake training to start")
+        os.kill(int((cluster.logs / "trap.pid").read_text()), signal.SIGTERM)
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output
+    assert cluster.requeues() == []
+    assert "already requeued" in output and "sbatch -J" not in output
+
+
+def test_a_time_limit_that_leaves_no_time_is_refused_and_a_short_one_warned(cluster):
+    # The header asks for the warning 300 s before the end; SLURM may send it 60 s earlier.
+    refused = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_TIME_LEFT="5:00")
+    assert refused.returncode == 2 and cluster.args("srun") is None
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "--time" in refused.stderr and "--signal=B:USR1@300" in refused.stderr
+    short = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_TIME_LEFT="8:00")
+    assert short.returncode == 0 and cluster.args("srun") is not None
+    assert "only about 120 s" in short.stderr and "raise --time" in short.stderr
+    fine = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_TIME_LEFT="1-00:00:00")
+    assert fine.returncode == 0 and "warning" not in fine.stderr
+    no_warning = cluster.sbatch(str(SBATCH_SCRIPT), FAKE_TIME_LEFT="5:00", WARN_SECONDS="0")
+    assert no_warning.returncode == 0 and "warning" not in no_warning.stderr
+
+
+def test_the_run_folder_links_to_the_job_output(cluster, tmp_path):
+    output = tmp_path / "logs" / f"exp-{JOB_ID}.out"
+    output.parent.mkdir()
+    output.write_text("job output\n")
+    job_info(cluster, "RUNNING", "None", 0, stdout=str(output))
+    result = cluster.sbatch("-J", "exp", str(SBATCH_SCRIPT))
+    assert result.returncode == 0, result.stderr
+    link = cluster.log_root / "exp" / f"slurm-{JOB_ID}.out"
+    assert link.read_text() == "job output\n"
+
+
+def test_output_goes_to_an_ignored_logs_folder_that_exists_in_every_checkout():
+    header = SBATCH_SCRIPT.read_text()
+    assert re.search(r"^#SBATCH --output=logs/%x-%j\.out$", header, re.M)
+    assert (ROOT / "logs").is_dir()  # SLURM does not create --output's folder
+    tracked = subprocess.run(
+        ["git", "ls-files", "logs"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    assert tracked == ["logs/README.md"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "--no-index", "logs/lars-imagenet-1.out"], cwd=ROOT
+    )
+    assert ignored.returncode == 0
 
 
 def test_bad_setup_exits_2_with_one_line(cluster, tmp_path):
@@ -273,7 +379,7 @@ def test_warning_signal_to_the_batch_shell_reaches_the_training_once(cluster):
         job.kill()
     assert job.returncode == 0, output
     assert (cluster.logs / "trap.signals").read_text() == "USR1\n"
-    assert cluster.args("scontrol") == ["requeue", JOB_ID]
+    assert cluster.requeues() == [f"requeue {JOB_ID}"]
     assert "got SIGUSR1" in output
 
 
@@ -294,7 +400,7 @@ def test_sigterm_keeps_the_batch_shell_waiting_and_is_not_passed_on(cluster):
         job.kill()
     assert job.returncode == 0, output
     assert (cluster.logs / "trap.signals").read_text() == "TERM\n"
-    assert cluster.args("scontrol") == ["requeue", JOB_ID]
+    assert cluster.requeues() == [f"requeue {JOB_ID}"]
     assert "got SIGTERM" in output
 
 
@@ -323,7 +429,7 @@ def test_real_training_through_the_batch_script(cluster):
     assert result.returncode == 0, result.stdout + result.stderr
     log_dir = cluster.log_root / "tiny"
     assert newest_checkpoint_step(log_dir) == 4 and (log_dir / "config.json").exists()
-    assert cluster.args("scontrol") is None
+    assert cluster.requeues() == []
 
 
 def has_requeue_status() -> bool:
@@ -366,13 +472,13 @@ def test_real_training_checkpoints_on_sigusr1_is_requeued_and_resumes(cluster):
     reader.join(timeout=10)
     output = "".join(lines)
     assert job.returncode == 0, output
-    assert cluster.args("scontrol") == ["requeue", JOB_ID], output
+    assert cluster.requeues() == [f"requeue {JOB_ID}"], output
     stopped_at = newest_checkpoint_step(log_dir)
     assert 0 < stopped_at < 2000, output
     first_events = set(log_dir.glob("events.out.tfevents.*"))
 
     # The requeued job runs the same script again (same job id and name): it must resume.
-    (cluster.logs / "scontrol.args").unlink()
+    (cluster.logs / "scontrol.calls").unlink()
     again = cluster.sbatch(
         "-J",
         "requeue",
@@ -385,7 +491,7 @@ def test_real_training_checkpoints_on_sigusr1_is_requeued_and_resumes(cluster):
         SLURM_RESTART_COUNT="1",
     )
     assert again.returncode == 0, again.stdout + again.stderr
-    assert cluster.args("scontrol") is None
+    assert cluster.requeues() == []
     assert newest_checkpoint_step(log_dir) == stopped_at + 3
     resumed_steps = []
     for new_events in set(log_dir.glob("events.out.tfevents.*")) - first_events:
