@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import fields
 
 import torch
 
@@ -24,28 +25,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def data_config(settings, workers: int, device_id: int | None = None) -> DataConfig:
-    d, b = settings.data, settings.batch
-    return DataConfig(
-        train_dir=d.train_dir,
-        val_dir=d.val_dir,
-        synthetic=d.synthetic,
-        image_size=d.image_size,
-        min_crop_scale=d.min_crop_scale,
-        hflip=d.hflip,
-        batch_size=b.batch_size,
-        val_batch_size=b.val_batch_size,
-        workers=workers,
-        seed=settings.run.seed,
-        # Unreadable files always come back as skipped samples; --strict-data stops the run in
-        # the training process (lars.train.check_strict_data), where the path is known.
-        strict_data=False,
-        dataset=d.dataset,
-        data_dir=d.data_dir,
-        val_crop_ratio=d.val_crop_ratio,
-        fast_jpeg=d.fast_jpeg,
-        backend=d.data_backend,
-        device_id=device_id,
-    )
+    """DataConfig's fields are flag names; --data-backend is its `backend`."""
+    flat, names = settings.flat(), {f.name for f in fields(DataConfig)}
+    # Unreadable files always come back as skipped samples; --strict-data stops the run in the
+    # training process (lars.train.check_strict_data), where the path is known.
+    # (--backend is the distributed runtime's, not the data's.)
+    known = {k: v for k, v in flat.items() if k in names - {"strict_data", "workers", "backend"}}
+    return DataConfig(**known, workers=workers, backend=flat["data_backend"], device_id=device_id)
 
 
 def build_datasets(settings, quiet: bool = True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from lars.errors import SettingError
@@ -34,24 +35,11 @@ def number(
     return value
 
 
-def non_negative(name: str, value: Any) -> float:
-    return number(name, value, 0.0)
-
-
-def positive(name: str, value: Any) -> float:
-    return number(name, value, 0.0, open_low=True)
-
-
-def unit_interval_open(name: str, value: Any) -> float:  # [0, 1)
-    return number(name, value, 0.0, 1.0)
-
-
-def unit_interval_closed(name: str, value: Any) -> float:  # [0, 1]
-    return number(name, value, 0.0, 1.0, open_high=False)
-
-
-def fraction(name: str, value: Any) -> float:  # (0, 1]
-    return number(name, value, 0.0, 1.0, open_low=True, open_high=False)
+non_negative = partial(number, low=0.0)
+positive = partial(number, low=0.0, open_low=True)
+unit_interval_open = partial(number, low=0.0, high=1.0)  # [0, 1)
+unit_interval_closed = partial(number, low=0.0, high=1.0, open_high=False)  # [0, 1]
+fraction = partial(number, low=0.0, high=1.0, open_low=True, open_high=False)  # (0, 1]
 
 
 def flag(name: str, value: Any) -> bool:

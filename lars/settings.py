@@ -1,100 +1,34 @@
-"""A run's settings: frozen, resolved once by `lars.config` (every default decided there).
+"""A run's settings: frozen, resolved once by `lars.config` (every default is decided there).
 
-Field names are the flags' argparse names, so `Settings.from_flat` and `Settings.flat` convert
-to and from the flat mapping that config.json, TensorBoard's hparams and (later) a run
-fingerprint record; a new flag is one field here and one `add_argument` in `lars.config`.
+Each group is a frozen dataclass whose fields are flags' argparse names (their meaning, units and
+defaults are in each flag's help). `Settings.from_flat` and `Settings.flat` convert to and from
+the flat {flag: value} mapping that config.json, TensorBoard's hparams and a run fingerprint
+record; a new flag is one `add_argument` in `lars.config` and one name below.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, make_dataclass
 
-
-@dataclass(frozen=True)
-class DataSettings:
-    dataset: str  # sample, imagefolder, synthetic, cifar10, cifar100, tinyimagenet
-    train_dir: str | None
-    val_dir: str | None
-    data_dir: str | None
-    synthetic: bool
-    image_size: int
-    min_crop_scale: float
-    hflip: bool
-    val_crop_ratio: float
-    fast_jpeg: bool
-    data_backend: str  # pytorch, dali-cpu, dali-gpu, synthetic
-    workers: int
-    strict_data: bool
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    model: str
-    label_smoothing: float
-    amp: str  # none, bf16, fp16
-    channels_last: bool
-    compile: bool
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    batch_size: int  # per rank per micro-batch
-    val_batch_size: int
-    batches_per_allreduce: int  # read by lars.plan.plan_run only
-    ranks: int | None  # --dry-run: plan for this many ranks
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    base_op: str
-    base_lr: float
-    lr_scaling: str
-    lr_reference_batch: int
-    momentum: float
-    wd: float
-    bn_bias_separately: bool
-    trust_coefficient: float
-    lmbda: float
-    tv_alpha: float
-    tv_delay_epochs: float
-    tv_min_scale: float
-    clip_grad_norm: float | None
-
-
-@dataclass(frozen=True)
-class ScheduleSettings:
-    epochs: int
-    max_steps: int | None
-    schedule: str
-    warmup_epochs: float
-    lr_power: float
-    end_lr: float
-
-
-@dataclass(frozen=True)
-class HardwareSettings:
-    backend: str
-    fp16_allreduce: bool
-    use_adasum: bool
-    no_cuda: bool
-    threads: int | None
-    stall_timeout: float
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    seed: int
-    log_dir: str
-    log_interval: int
-    progress: str
-    resume: str
-    keep_checkpoints: int
-    checkpoint_every_steps: int | None
-    deterministic: bool
-    nonfinite: str
-    max_nonfinite: int
-    dry_run: bool
-    config: str | None
+GROUPS = {
+    "data": "dataset train_dir val_dir data_dir synthetic image_size min_crop_scale hflip "
+    "val_crop_ratio fast_jpeg data_backend workers strict_data",
+    "model": "model label_smoothing amp channels_last compile",
+    # batches_per_allreduce and batch_size are read by lars.plan.plan_run only
+    "batch": "batch_size val_batch_size batches_per_allreduce ranks",
+    "optimizer": "base_op base_lr lr_scaling lr_reference_batch momentum wd bn_bias_separately "
+    "trust_coefficient lmbda tv_alpha tv_delay_epochs tv_min_scale clip_grad_norm",
+    "schedule": "epochs max_steps schedule warmup_epochs lr_power end_lr",
+    "hardware": "backend fp16_allreduce use_adasum no_cuda threads stall_timeout",
+    "run": "seed log_dir log_interval progress resume keep_checkpoints checkpoint_every_steps "
+    "deterministic nonfinite max_nonfinite dry_run config",
+}
+GROUP_CLASSES = {
+    group: make_dataclass(f"{group.title()}Settings", names.split(), frozen=True)
+    for group, names in GROUPS.items()
+}
+DataSettings, ModelSettings, BatchSettings, OptimizerSettings = list(GROUP_CLASSES.values())[:4]
+ScheduleSettings, HardwareSettings, RunSettings = list(GROUP_CLASSES.values())[4:]
 
 
 @dataclass(frozen=True)
@@ -110,13 +44,14 @@ class Settings:
     @classmethod
     def from_flat(cls, values: dict) -> Settings:
         """From {flag name: resolved value}; every flag must have exactly one home."""
-        parts = {}
-        for f in fields(cls):
-            group = globals()[f.type] if isinstance(f.type, str) else f.type
-            parts[f.name] = group(**{g.name: values[g.name] for g in fields(group)})
-        homeless = set(values) - {k for part in parts.values() for k in asdict(part)}
+        homeless = set(values) - {name for names in GROUPS.values() for name in names.split()}
         assert not homeless, f"flags without a settings field: {sorted(homeless)}"
-        return cls(**parts)
+        return cls(
+            **{
+                group: klass(**{f.name: values[f.name] for f in fields(klass)})
+                for group, klass in GROUP_CLASSES.items()
+            }
+        )
 
     def flat(self) -> dict:
         """{flag name: value}, what config.json's "args" holds."""
