@@ -69,7 +69,8 @@ class Mixed(nn.Module):
         self.head = nn.Linear(8, 10, bias=False)
         self.head.weight = self.embed.weight  # tied: one tensor, two owners
         self.ln_again = self.ln  # one module reachable under two names
-        self.pos_bias = nn.Parameter(torch.zeros(8))  # not registered under the name "bias"
+        self.pos_bias = nn.Parameter(torch.zeros(8))  # not named "bias", but a vector
+        self.pos_embedding = nn.Parameter(torch.zeros(1, 4, 8))  # a table, by its name
         self.rms = nn.RMSNorm(8) if hasattr(nn, "RMSNorm") else nn.LayerNorm(8)
 
 
@@ -81,7 +82,6 @@ def test_groupnorm_layernorm_and_tied_parameters():
         model.conv.weight,
         model.norm_free.weight,
         model.bn.weight,
-        model.pos_bias,
     ]
     expected_plain = [
         model.conv.bias,
@@ -90,6 +90,8 @@ def test_groupnorm_layernorm_and_tied_parameters():
         model.ln.weight,
         model.ln.bias,
         model.bn.bias,
+        model.pos_bias,
+        model.pos_embedding,
         *model.rms.parameters(),
     ]
     assert sorted(_ids(decayed)) == sorted(map(id, expected_decayed))
@@ -137,3 +139,52 @@ def test_summary_counts(capsys):
     assert "4 trainable tensors, 120 parameters; 4 tensors in the groups" in summary
     partial = param_group_summary(model, groups[:1])
     assert "1 tensors in the groups" in partial  # a parameter missing from the groups shows
+
+
+TRANSFORMERS = {  # model -> {parameter name: kind} that must be excluded (beyond norms, biases)
+    "vit_b_16": {
+        "class_token": "token",
+        "encoder.pos_embedding": "position embedding",
+        "encoder.layers.encoder_layer_0.self_attention.in_proj_bias": "bias",
+    },
+    "swin_t": {"features.1.0.attn.relative_position_bias_table": "relative position table"},
+    "convnext_tiny": {"features.1.0.layer_scale": "layer scale"},
+    "resnet50": {"layer1.0.downsample.1.weight": "normalisation"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_torchvision_models_decay_only_their_weight_matrices(name):
+    """In resnet50, vit_b_16, swin_t and convnext_tiny, exactly the convolution, linear and
+    attention-projection weight matrices are decayed and adapted; every norm parameter, bias,
+    token, position embedding, relative-position table and layer scale is excluded."""
+    with torch.device("meta"):  # structure only: no memory, no initialisation
+        model = getattr(torchvision.models, name)()
+    decayed, plain = param_groups(model, weight_decay=0.05)
+    expected_decayed = set()
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            matrix = isinstance(module, (nn.Conv2d, nn.Linear)) and pname == "weight"
+            if matrix or pname == "in_proj_weight":
+                assert p.ndim >= 2
+                expected_decayed.add(id(p))
+    all_ids = {id(p) for p in model.parameters()}
+    assert set(_ids(decayed)) == expected_decayed
+    assert set(_ids(plain)) == all_ids - expected_decayed
+    named = dict(model.named_parameters())
+    summary = param_group_summary(model, [decayed, plain])
+    for pname, kind in TRANSFORMERS[name].items():
+        assert id(named[pname]) in set(_ids(plain)), pname
+        assert f"  {kind}: " in summary
+    counts = {line.split(":")[0].strip(): int(line.split(":")[1].split()[0])
+              for line in summary.splitlines() if line.startswith("  ")}  # fmt: skip
+    assert sum(counts.values()) == len(plain["params"])
+
+
+def test_summary_lists_kinds_with_first_names():
+    model = Mixed()
+    summary = param_group_summary(model, param_groups(model, weight_decay=0.1))
+    lines = summary.splitlines()
+    assert "  normalisation: " in summary and "  bias: 2 (conv.bias, bn.bias)" in lines
+    assert "  ndim <= 1: 1 (pos_bias)" in lines
+    assert "  position embedding: 1 (pos_embedding)" in lines

@@ -141,6 +141,13 @@ def group_tensors(
     return buckets
 
 
+def new_step_log() -> dict[str, Any]:
+    """What the last ``step()`` leaves for logging: its trust records, the trust scale (TVLARS's
+    phi) and the owners of complex parameters' real views. A dict mutated by item, because
+    ``torch.compile`` replays item writes to it but drops attribute writes on an optimizer."""
+    return {"records": [], "scale": None, "owners": {}}
+
+
 def record_trust_ratios(
     records: TrustRecords, owners: dict[int, Tensor] | None = None
 ) -> list[tuple[Tensor, Tensor]]:

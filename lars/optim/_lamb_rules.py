@@ -137,9 +137,12 @@ def _fusable(h: Hyper, p: Tensor, g: Tensor, mo: Tensor, ve: Tensor, step: Tenso
     """Adam's fused kernel computes the bias-corrected direction in one pass, but indexes every
     operand as if it had the parameter's strides (a contiguous gradient of a channels_last
     weight, as Horovod's contiguous-copy compressor hands back, gives wrong updates), and it
-    needs eps > 0 and a float32 step count."""
+    needs eps > 0 and a float32 step count. Under ``torch.compile`` the unfused ops are used:
+    functionalization cannot trace the fused kernel's in-place writes, and inductor fuses the
+    unfused ones itself."""
     return (
         h.fused
+        and not torch.compiler.is_compiling()
         and h.bias_correction
         and p.device.type in FUSED_DEVICES
         and step.dtype == torch.float32

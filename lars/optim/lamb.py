@@ -35,6 +35,7 @@ from ._common import (
     record_trust_ratios,
     resolve_foreach,
     resolve_variant_args,
+    new_step_log,
     step_on_device,
 )
 
@@ -125,8 +126,7 @@ class LAMB(Optimizer):
             norm_clip=norm_clip,
         )
         self._check_group(defaults, None)
-        self._trust_records: TrustRecords = []
-        self._owners: dict[int, Tensor] = {}
+        self._last = new_step_log()
         super().__init__(params, defaults)
 
     @classmethod
@@ -160,13 +160,13 @@ class LAMB(Optimizer):
                 step = self.state.get(p, {}).get("step")
                 if step is not None and not torch.is_tensor(step):
                     self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
-        self._trust_records, self._owners = [], {}
+        self._last = new_step_log()
 
     def last_trust_ratios(self) -> list[tuple[Tensor, Tensor]]:
         """(param, 0-dim trust ratio) for every adapted param updated by the last ``step()``."""
-        return record_trust_ratios(self._trust_records, self._owners)
+        return record_trust_ratios(self._last["records"], self._last["owners"])
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """Params with a gradient, their gradients, moments and step counts (real views of
         complex tensors)."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -181,7 +181,7 @@ class LAMB(Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             view = as_real(p)
             if view is not p:
-                self._owners[id(view)] = p
+                self._last["owners"][id(view)] = p
             params.append(view)
             grads.append(as_real(p.grad))
             exp_avgs.append(as_real(state["exp_avg"]))
@@ -199,8 +199,8 @@ class LAMB(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._owners = {}
-        work = [(group, self._init_group(group)) for group in self.param_groups]
+        self._last["owners"] = {}
+        work = [(group, self._collect(group)) for group in self.param_groups]
         work = [(group, lists) for group, lists in work if lists[0]]
         norm = None
         if any(group["variant"] == "nus" for group, _ in work):
@@ -226,7 +226,7 @@ class LAMB(Optimizer):
                 norm_clip=group["norm_clip"],
                 grad_scale=scale,
             )
-        self._trust_records = records
+        self._last["records"] = records
         return loss
 
 

@@ -40,6 +40,7 @@ from ._common import (
     record_trust_ratios,
     resolve_foreach,
     resolve_variant_args,
+    new_step_log,
     step_on_device,
 )
 
@@ -144,9 +145,7 @@ class LARS(Optimizer):
 
     def _setup(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_group(defaults, None)
-        self._trust_records: TrustRecords = []
-        self._owners: dict[int, Tensor] = {}
-        self._last_trust_scale: Tensor | None = None
+        self._last = new_step_log()
         Optimizer.__init__(self, params, defaults)
 
     @classmethod
@@ -189,21 +188,21 @@ class LARS(Optimizer):
                 step = self.state.get(p, {}).get("step")
                 if step is not None and not torch.is_tensor(step):
                     self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
-        self._trust_records, self._owners, self._last_trust_scale = [], {}, None
+        self._last = new_step_log()
 
     def last_trust_ratios(self) -> list[tuple[Tensor, Tensor]]:
         """(param, 0-dim trust ratio) for every adapted param updated by the last ``step()``.
 
         The tensors are those computed during the step (no copies); reading their values syncs.
         """
-        return record_trust_ratios(self._trust_records, self._owners)
+        return record_trust_ratios(self._last["records"], self._last["owners"])
 
     def _trust_scale_fn(self, group: dict[str, Any]) -> TrustScaleFn | None:
         """The seam subclasses override: a function of the 1-based step count t (a float tensor)
         whose value multiplies the trust ratio of the group's adapted tensors, or ``None``."""
         return None
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """Params with a gradient, their gradients, momentum buffers and step counts, as real
         views where a parameter is complex (its real and imaginary parts are updated as two real
         numbers, as in torch.optim)."""
@@ -216,7 +215,7 @@ class LARS(Optimizer):
             state = self.state[p]
             view = as_real(p)
             if view is not p:
-                self._owners[id(view)] = p
+                self._last["owners"][id(view)] = p
             params.append(view)
             grads.append(as_real(p.grad))
             if group["momentum"] != 0.0:
@@ -234,9 +233,9 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         records: TrustRecords = []
-        self._owners = {}
+        self._last["owners"] = {}
         for group in self.param_groups:
-            params, grads, bufs, steps = self._init_group(group)
+            params, grads, bufs, steps = self._collect(group)
             if not params:
                 continue
             scale_fn = self._trust_scale_fn(group) if group["layer_adaptation"] else None
@@ -246,8 +245,8 @@ class LARS(Optimizer):
             )
             records += group_records
             if scale is not None:
-                self._last_trust_scale = scale
-        self._trust_records = records
+                self._last["scale"] = scale
+        self._last["records"] = records
         return loss
 
 

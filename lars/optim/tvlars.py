@@ -140,7 +140,7 @@ class TVLARS(LARS):
         Every param that received a gradient at every step shares one t; this is phi for the first
         adapted param of the last step. Reading its value syncs with the device.
         """
-        return self._last_trust_scale
+        return self._last["scale"]
 
     def _trust_scale_fn(self, group: dict[str, Any]) -> TrustScaleFn:
         """phi(t) with the group's lmbda, alpha, delay_steps and min_scale."""
