@@ -1,4 +1,4 @@
-"""Images per second per worker: torchvision's ImageFolder pipeline vs lars.data.fast.
+"""Images per second per worker: torchvision's ImageFolder pipeline vs lars.data.fast vs DALI.
 
     python benchmarks/data_loader.py --workers 1     # one DataLoader worker process per pipeline
     python benchmarks/data_loader.py --workers 0     # in-process: the pure per-core cost
@@ -8,6 +8,15 @@ Pipelines, each through a DataLoader with the same workers and batch size:
   torchvision  ImageFolder + PIL + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize
   fast         FastImageFolder (uint8 crops) + normalize_batch (on CUDA if present, else the CPU)
   fast-pil     the same with fast_jpeg=False: every file decoded by PIL, no torchvision.io
+  dali-cpu     lars.data.dali's training pipeline on DALI's CPU decoders (fused decode and random
+               crop, antialiased resize, flip; uint8 out) + normalize_batch; DALI threads =
+               --workers (at least 1), files read by this process (when DALI is installed)
+  dali-gpu     the same decoding with the "mixed" device (nvJPEG / the hardware JPEG decoder),
+               resize and flip on the GPU (when DALI is installed and CUDA is available)
+
+DALI runs threads in this process, not worker processes: its "per worker" figure divides by its
+thread count, and the CPU time per image (this process plus the workers, from /proc) is the
+comparable per-core figure. `--pipelines` picks some of them (default: every one available).
 
 Without --data it writes N ImageNet-like JPEGs (default 500x375, quality 90: smooth random colour
 fields plus per-pixel noise, about 80 KB each) into a temporary folder. After one warm-up epoch
@@ -44,6 +53,8 @@ from lars.data.fast import (  # noqa: E402
     normalize_batch,
 )
 
+PIPELINES = ("torchvision", "fast", "fast-pil", "dali-cpu", "dali-gpu")
+
 TARGET_RATIO = 2.0
 
 
@@ -60,7 +71,76 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=224, help="crop side in pixels (224)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed per round (2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (3)")
+    parser.add_argument(
+        "--pipelines",
+        default=",".join(PIPELINES),
+        help="comma-separated subset of " + ", ".join(PIPELINES) + " (default: all available)",
+    )
     return parser
+
+
+def available(name: str) -> str | None:
+    """Why pipeline `name` cannot run here, or None."""
+    if name.startswith("dali"):
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return "NVIDIA DALI is not installed"
+    if name == "dali-gpu" and not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+class DaliEpochs:
+    """A lars.data.dali.DaliLoader over a fresh shuffle of the whole folder each epoch."""
+
+    def __init__(self, root: str, args, gpu: bool) -> None:
+        import functools
+
+        from lars.data.dali import DaliLoader, train_graph
+
+        dataset = datasets.ImageFolder(root)
+        self.epoch, self.generator = 0, torch.Generator().manual_seed(0)
+        self.loader = DaliLoader(
+            dataset,
+            lambda: torch.randperm(len(dataset), generator=self.generator).tolist(),
+            functools.partial(train_graph, size=args.image_size, min_crop_scale=0.08, hflip=True),
+            batch_size=args.batch_size,
+            drop_last=False,
+            threads=max(1, args.workers),
+            gpu=gpu,
+            device_id=torch.cuda.current_device() if gpu else None,
+            pin_memory=torch.cuda.is_available() and not gpu,
+            strict=True,
+            seed_parts=lambda: (0, self.epoch),
+        )
+
+    def __iter__(self):
+        self.epoch += 1
+        return ((images, labels) for images, labels, _ in self.loader)
+
+
+def build_pipelines(root: str, args) -> dict:
+    """name -> (iterable of (images, labels), whether its batches are uint8 to normalise)."""
+    wanted = [name.strip() for name in args.pipelines.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - set(PIPELINES))
+    if unknown:
+        raise SystemExit(f"--pipelines: unknown {', '.join(unknown)} (known: {PIPELINES})")
+    pipelines = {}
+    for name in wanted:
+        reason = available(name)
+        if reason:
+            print(f"{name}: not measured ({reason})")
+        elif name == "torchvision":
+            pipelines[name] = (loader(torchvision_dataset(root, args.image_size), args), False)
+        elif name == "fast":
+            pipelines[name] = (loader(FastImageFolder(root, True, args.image_size), args), True)
+        elif name == "fast-pil":
+            dataset = FastImageFolder(root, True, args.image_size, fast_jpeg=False)
+            pipelines[name] = (loader(dataset, args), True)
+        else:
+            pipelines[name] = (DaliEpochs(root, args, gpu=name == "dali-gpu"), True)
+    return pipelines
 
 
 def write_images(root: Path, count: int, width: int, height: int, classes: int) -> float:
@@ -117,7 +197,7 @@ def worker_cpu_seconds(data_loader: DataLoader) -> float:
     return total
 
 
-def measure(data_loader: DataLoader, epochs: int, normalize: bool, device) -> tuple[float, float]:
+def measure(data_loader, epochs: int, normalize: bool, device) -> tuple[float, float]:
     """(images per second of wall time, CPU milliseconds per image in all processes)."""
     count = 0
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -146,27 +226,25 @@ def main(args: argparse.Namespace) -> None:
             mean_kb = write_images(Path(scratch), args.images, width, height, args.classes)
             root = scratch
             print(f"wrote {args.images} JPEGs {width}x{height} q90, mean {mean_kb:.1f} KB")
-        pipelines = {
-            "torchvision": (torchvision_dataset(root, args.image_size), False),
-            "fast": (FastImageFolder(root, True, args.image_size), True),
-            "fast-pil": (FastImageFolder(root, True, args.image_size, fast_jpeg=False), True),
-        }
-        loaders = {name: loader(ds, args) for name, (ds, _) in pipelines.items()}
+        pipelines = build_pipelines(root, args)
+        if not pipelines:
+            raise SystemExit("no pipeline to measure")
         print(
             f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"Pillow {PIL.__version__}; workers {args.workers}, batch {args.batch_size}, "
-            f"{len(pipelines['fast'][0])} images x {args.epochs} epochs x {args.repeats} rounds, "
+            f"Pillow {PIL.__version__}{dali_version()}; workers {args.workers}, batch "
+            f"{args.batch_size}, {args.epochs} epochs x {args.repeats} rounds, "
             f"normalize_batch on {device.type}"
         )
-        for name, data_loader in loaders.items():  # warm-up: workers, page cache, allocators
-            measure(data_loader, 1, pipelines[name][1], device)
+        for data_loader, normalize in pipelines.values():  # warm-up: workers, caches
+            measure(data_loader, 1, normalize, device)
         names = list(pipelines)
         rates: dict[str, list[float]] = {name: [] for name in names}
         cpu_ms: dict[str, list[float]] = {name: [] for name in names}
         for round_index in range(args.repeats):
             order = names if round_index % 2 == 0 else names[::-1]
             for name in order:
-                rate, cpu = measure(loaders[name], args.epochs, pipelines[name][1], device)
+                data_loader, normalize = pipelines[name]
+                rate, cpu = measure(data_loader, args.epochs, normalize, device)
                 rates[name].append(rate / max(1, args.workers))
                 cpu_ms[name].append(cpu)
             print(
@@ -174,23 +252,41 @@ def main(args: argparse.Namespace) -> None:
                 + ", ".join(f"{n} {rates[n][-1]:.0f} ({cpu_ms[n][-1]:.2f} ms)" for n in names)
                 + "  images/s per worker (CPU ms per image)"
             )
+    report(names, rates, cpu_ms)
+
+
+def dali_version() -> str:
+    try:
+        import nvidia.dali
+    except ImportError:
+        return ""
+    return f", DALI {nvidia.dali.__version__}"
+
+
+def report(names: list[str], rates: dict, cpu_ms: dict) -> None:
+    base = "torchvision" if "torchvision" in names else names[0]
     print(
-        f"\n{'pipeline':12s} {'images/s/worker':>16s} {'vs torchvision':>15s}"
-        f" {'CPU ms/image':>13s} {'vs torchvision':>15s}"
+        f"\n{'pipeline':12s} {'images/s/worker':>16s} {'vs ' + base:>15s}"
+        f" {'CPU ms/image':>13s} {'vs ' + base:>15s}"
     )
     for name in names:
-        speedup = paired_ratio(rates[name], rates["torchvision"])
-        saving = paired_ratio(cpu_ms["torchvision"], cpu_ms[name])
+        speedup = paired_ratio(rates[name], rates[base])
+        saving = paired_ratio(cpu_ms[base], cpu_ms[name])
         print(
             f"{name:12s} {statistics.median(rates[name]):16.0f} {speedup:14.2f}x"
             f" {statistics.median(cpu_ms[name]):13.2f} {saving:14.2f}x"
         )
-    wall = paired_ratio(rates["fast"], rates["torchvision"])
-    cpu = paired_ratio(cpu_ms["torchvision"], cpu_ms["fast"])
-    for label, ratio in (("images/s per worker", wall), ("CPU time per image", cpu)):
-        verdict = "met" if ratio >= TARGET_RATIO else "not met"
+    for fast, slow in (("fast", "torchvision"), ("dali-cpu", "torchvision"), ("dali-cpu", "fast")):
+        if fast not in names or slow not in names:
+            continue
+        wall = paired_ratio(rates[fast], rates[slow])
+        cpu = paired_ratio(cpu_ms[slow], cpu_ms[fast])
+        target = (
+            f" (target >= {TARGET_RATIO:.1f}x)" if (fast, slow) == ("fast", "torchvision") else ""
+        )
         print(
-            f"fast/torchvision by {label}: {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x: {verdict})"
+            f"{fast}/{slow}: {wall:.2f}x images/s per worker, {cpu:.2f}x CPU time per image"
+            + target
         )
 
 
