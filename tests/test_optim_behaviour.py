@@ -20,6 +20,13 @@ SETTINGS = [
     (LAMB, dict(lr=0.01, weight_decay=1e-2)),
     (LAMB, dict(lr=0.01, eps=0.0)),
     (LAMB, dict(lr=0.01, weight_decay=1e-2, fused=False)),  # as without a fused Adam kernel
+    (LARS, dict(lr=0.2, weight_decay=1e-2, trust_coefficient=0.01, variant="nus")),
+    (LARS, dict(lr=0.2, momentum=0.0, weight_decay=1e-2, variant="nus", update_clip=0.05)),
+    (LARS, dict(lr=0.2, weight_decay=1e-2, trust_coefficient=0.01, variant="barlowtwins")),
+    (TVLARS, dict(lr=0.2, weight_decay=1e-2, lmbda=0.3, variant="authors")),
+    (LAMB, dict(lr=0.01, weight_decay=1e-2, variant="nus")),
+    (LAMB, dict(lr=0.01, variant="nus")),
+    (LAMB, dict(lr=0.01, weight_decay=1e-2, variant="authors")),
 ]
 PATHS = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
 OPTS = pytest.mark.parametrize(
@@ -108,6 +115,18 @@ def test_step_never_syncs_with_the_host(cls, kwargs, path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+def zero_gradient_trust(cls, kwargs, opt) -> float:
+    """The trust ratio of a step with g = 0 everywhere (||w|| < 10 for these tensors)."""
+    wd, eta = kwargs.get("weight_decay", 0.0), kwargs.get("trust_coefficient", 0.001)
+    variant = kwargs.get("variant")
+    if cls is LAMB:  # u = wd * w: ratio 1 / wd; without weight decay u = 0 and the ratio falls back
+        return 1.0 / wd if wd > 0 else 1.0
+    if variant in ("barlowtwins", "authors"):  # d = wd * w, so only ||d|| = 0 falls back
+        ratio = eta / wd if wd > 0 else 1.0
+        return ratio * float(opt.last_phi) if variant == "authors" and wd > 0 else ratio
+    return float(opt.last_phi) if cls is TVLARS else 1.0  # ||g|| = 0 falls back (times phi)
+
+
 @OPTS
 @PATHS
 def test_horovod_broadcast_trick_all_grads_zero(cls, kwargs, foreach):
@@ -120,9 +139,7 @@ def test_horovod_broadcast_trick_all_grads_zero(cls, kwargs, foreach):
         p.grad = torch.zeros_like(p)
     opt.step()
     assert all(torch.isfinite(p).all() for p in params)
-    expected = float(opt.last_phi) if cls is TVLARS else 1.0
-    if cls is LAMB and kwargs.get("weight_decay", 0.0) > 0:
-        expected = 1.0 / kwargs["weight_decay"]
+    expected = zero_gradient_trust(cls, kwargs, opt)
     ratios = opt.last_trust_ratios()
     assert [id(p) for p, _ in ratios] == [id(p) for p in params[:3]]
     assert all(float(r) == pytest.approx(expected) for _, r in ratios)
@@ -191,6 +208,20 @@ INVALID = [
     (LAMB, dict(lr=0.1, betas=(0.9, -0.1)), r"betas\[1\]"),
     (LAMB, dict(lr=0.1, eps=-1e-6), "eps"),
     (LAMB, dict(lr=0.1, weight_decay=-0.1), "weight_decay"),
+    (LARS, dict(lr=0.1, variant="lars"), "variant"),
+    (LARS, dict(lr=0.1, trust_clip=50.0), "trust_clip"),  # applies only to nus
+    (LARS, dict(lr=0.1, variant="nus", trust_clip=0.0), "trust_clip"),
+    (LARS, dict(lr=0.1, variant="nus", update_clip=-1.0), "update_clip"),
+    (LARS, dict(lr=0.1, variant="nus", nesterov=True), "nesterov"),
+    (LARS, dict(lr=0.1, variant="barlowtwins", eps=1e-5), "eps"),
+    (TVLARS, dict(lr=0.1, variant="nus"), "variant"),
+    (TVLARS, dict(lr=0.1, norm_clip=10.0), "norm_clip"),  # applies only to authors
+    (TVLARS, dict(lr=0.1, variant="authors", norm_clip=0.0), "norm_clip"),
+    (TVLARS, dict(lr=0.1, variant="authors", alpha=0.0), "alpha"),
+    (LAMB, dict(lr=0.1, variant="paper"), "variant"),
+    (LAMB, dict(lr=0.1, variant="nus", norm_clip=10.0), "norm_clip"),
+    (LAMB, dict(lr=0.1, variant="authors", max_grad_norm=1.0), "max_grad_norm"),
+    (LAMB, dict(lr=0.1, variant="nus", max_grad_norm=-1.0), "max_grad_norm"),
 ]
 
 
@@ -276,3 +307,61 @@ def test_tvlars_last_trust_ratio_is_lars_ratio_times_phi():
     assert phi == pytest.approx(1.0 / (0.3 + math.exp(0.5)))
     for (_, a), (_, b) in zip(lars.last_trust_ratios(), tv.last_trust_ratios()):
         assert float(b) == pytest.approx(float(a) * phi, rel=1e-6)
+
+
+VARIANT_SETTINGS = [
+    (LARS, dict(variant="nus", trust_clip=3.0, update_clip=0.5), dict(trust_clip=3.0)),
+    (LARS, dict(variant="nus"), dict(trust_clip=50.0, update_clip=10.0)),
+    (LARS, dict(variant="barlowtwins"), dict(trust_clip=None)),
+    (TVLARS, dict(variant="authors", lmbda=0.2), dict(alpha=0.1, norm_clip=10.0)),
+    (TVLARS, dict(lmbda=0.2), dict(variant="paper", alpha=1.0, norm_clip=None)),
+    (LAMB, dict(variant="nus"), dict(max_grad_norm=1.0, norm_clip=None)),
+    (LAMB, dict(variant="authors", norm_clip=5.0), dict(norm_clip=5.0)),
+    (LAMB, dict(), dict(variant="you2020", max_grad_norm=None)),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,group_values", VARIANT_SETTINGS, ids=str)
+def test_variant_survives_horovods_rebuild(cls, kwargs, group_values):
+    """Horovod rebuilds the optimizer as cls(param_groups): the variant and its arguments ride in
+    the groups, with the variant's defaults filled in; the rebuilt one steps identically."""
+    params = make_params()
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    opt = cls(groups(params), lr=0.1, weight_decay=1e-2, **kwargs)
+    rebuilt = cls(groups(twin), lr=0.1, weight_decay=1e-2, **kwargs)
+    rebuilt = cls(rebuilt.param_groups)
+    assert cls.VARIANTS[0] == rebuilt.defaults["variant"]
+    for group in rebuilt.param_groups:
+        assert group["variant"] == kwargs.get("variant", cls.VARIANTS[0])
+        assert {k: group[k] for k in group_values} == group_values
+    for step in range(3):
+        set_grads(params, step)
+        set_grads(twin, step)
+        opt.step()
+        rebuilt.step()
+    for a, b in zip(params, twin):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [LARS, TVLARS, LAMB])
+def test_variants_table_is_consistent(cls):
+    """What the trainer reads: VARIANTS (first = default) and each variant's own arguments."""
+    assert set(cls.VARIANT_DEFAULTS) == set(cls.VARIANTS)
+    assert cls(make_params(), lr=0.1).param_groups[0]["variant"] == cls.VARIANTS[0]
+    for variant, extra in cls.VARIANT_DEFAULTS.items():
+        opt = cls(make_params(), lr=0.1, variant=variant)
+        assert all(opt.param_groups[0][k] == v for k, v in extra.items())
+
+
+@pytest.mark.parametrize("cls", [LARS, TVLARS, LAMB])
+def test_state_dicts_without_a_variant_load_as_the_paper(cls):
+    params = make_params()
+    opt = cls(params, lr=0.1)
+    set_grads(params, 0)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    for group in state["param_groups"]:
+        group.pop("variant")
+    fresh = cls(params, lr=0.1)
+    fresh.load_state_dict(state)
+    assert all(g["variant"] == cls.VARIANTS[0] for g in fresh.param_groups)
