@@ -19,7 +19,8 @@
 # Several hosts need passwordless ssh between them and the repository and its virtual
 # environment (LARS_VENV, default <repo>/.venv) at the same path on every host. horovodrun adds
 # the Open MPI flags Horovod wants (-bind-to none -map-by slot) itself. Inside a SLURM job use
-# launch/slurm.sbatch instead.
+# launch/slurm.sbatch instead. Launch defaults come from launch/env.sh (LARS_LAUNCH_DEFAULTS=0:
+# none); horovodrun passes this environment to every rank.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 me=launch/horovodrun.sh
@@ -31,6 +32,18 @@ np=$1; shift
 VENV=${LARS_VENV:-$ROOT/.venv}
 [ -x "$VENV/bin/horovodrun" ] || {
   echo "$me: error: no horovodrun in $VENV/bin: run launch/setup.sh or set LARS_VENV" >&2; exit 2; }
+
+# shellcheck source=launch/env.sh
+source "$ROOT/launch/env.sh"
+nodes=1  # hosts the ranks spread over: lines of HOSTFILE, or entries of HOSTS
+if [ -n "${HOSTFILE:-}" ] && [ -f "$HOSTFILE" ]; then
+  nodes=$(grep -cEv '^[[:space:]]*(#|$)' "$HOSTFILE" || true)
+elif [ -n "${HOSTS:-}" ]; then
+  IFS=, read -r -a host_list <<<"$HOSTS"
+  nodes=${#host_list[@]}
+fi
+[ "$nodes" -ge 1 ] 2>/dev/null || nodes=1
+lars_launch_env $(( (np + nodes - 1) / nodes ))
 
 flags=(-np "$np")
 case ${CONTROLLER:-gloo} in
