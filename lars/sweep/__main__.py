@@ -1,0 +1,5 @@
+import sys
+
+from lars.sweep.cli import main
+
+sys.exit(main())
