@@ -239,10 +239,17 @@ OPTIMIZERS = [
     (LARS, dict(lr=0.3, momentum=0.9, weight_decay=1e-2, nesterov=True, eps=1e-4)),
     (TVLARS, dict(lr=0.3, weight_decay=1e-2, lmbda=0.2, alpha=0.5, delay_steps=2, min_scale=0.1)),
     (LAMB, dict(lr=0.01, weight_decay=1e-2)),
+    (LARS, dict(lr=0.3, weight_decay=1e-2, trust_coefficient=0.5, variant="nus", update_clip=1.0)),
+    (LARS, dict(lr=0.3, weight_decay=1e-2, trust_coefficient=0.01, variant="barlowtwins")),
+    (TVLARS, dict(lr=0.3, weight_decay=1e-2, lmbda=0.2, variant="authors")),
+    (LAMB, dict(lr=0.01, weight_decay=1e-2, variant="nus")),
+    (LAMB, dict(lr=0.01, weight_decay=1e-2, variant="authors")),
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize(
+    "cls,kwargs", OPTIMIZERS, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)]
+)
 def test_foreach_equals_loop_float32(cls, kwargs):
     """Both paths on float32 tensors of mixed sizes: equal up to float32 rounding."""
     gen = torch.Generator().manual_seed(3)
