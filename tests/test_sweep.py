@@ -16,8 +16,9 @@ import yaml
 from conftest import require_distributed
 
 from lars.sweep.cli import main
+from lars.sweep.flags import FlagTable
 from lars.sweep.run import newest_checkpoint_step, plan_points, point_state
-from lars.sweep.spec import FlagTable, SpecError, load_spec
+from lars.sweep.spec import SpecError, load_spec
 from lars.sweep.trainer import DryRun, trainer_parser
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lars.sweep.spec import FlagTable, SpecError, load_spec
+from lars.sweep.flags import FlagTable
+from lars.sweep.spec import SpecError, load_spec
 
 PROG = "python -m lars.sweep"
 
@@ -94,9 +95,9 @@ def _report(spec, planned, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     flag = column_flag(spec, planned).lstrip("-") or "column"
     written = [out / "report.md", out / "report.csv"]
-    written[0].write_text(markdown(spec, rows, columns, cells, base) + "\n")
+    written[0].write_text(markdown(spec, rows, columns, cells, base, len(planned)) + "\n")
     written[1].write_text(csv_text(rows, columns, cells, base))
-    written.append(plots.curves(out / "val_top1_curves.png", spec.name, rows, columns, cells))
+    written.append(plots.curves(out / "val_top1_curves.png", spec.name, rows, columns, cells, flag))
     written.append(
         plots.final_vs_column(
             out / f"final_top1_vs_{flag}.png", spec.name, flag, rows, columns, cells
@@ -111,7 +112,7 @@ def _submit(spec, planned, dry: bool) -> int:
     from lars.sweep.run import slurm_commands
 
     sweep_dir = spec.out / spec.name
-    commands = slurm_commands(spec, planned, sweep_dir)
+    commands = slurm_commands(spec, planned, sweep_dir, write=not dry)
     if not commands:
         print(f"{spec.path}: every point is done; nothing to submit")
         return 0

@@ -37,13 +37,25 @@ def _mean_curve(cell: Cell) -> tuple[list[float], list[float], list[float]]:
     return epochs, means, stds
 
 
-def curves(path: Path, title: str, rows, columns, cells) -> Path:
+def _panel_title(column: str, flag: str, rows, cells) -> str:
+    """'base-lr=2' as it is; a position column '#1' gets the flag and its values: 'base-lr #1:
+    0.005, 2'."""
+    if not column.startswith("#"):
+        return column
+    values = {v for row in rows if (c := cells.get((row, column))) for v in c.column_values}
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(values, key=str))
+    return f"{flag} {column}: {shown}"
+
+
+def curves(path: Path, title: str, rows, columns, cells, flag: str = "") -> Path:
     panels = max(1, len(columns))
     across = min(panels, 3)
     down = math.ceil(panels / across)
     figure = _figure(4.2 * across, 3.3 * down + 0.4)
+    first = None
     for number, column in enumerate(columns, start=1):
-        axes = figure.add_subplot(down, across, number)
+        axes = figure.add_subplot(down, across, number, sharey=first)
+        first = first or axes
         for row in rows:
             cell = cells.get((row, column))
             if cell is None or not cell.results:
@@ -55,7 +67,7 @@ def curves(path: Path, title: str, rows, columns, cells) -> Path:
             low = [m - s for m, s in zip(means, stds)]
             high = [m + s for m, s in zip(means, stds)]
             axes.fill_between(epochs, low, high, color=line[0].get_color(), alpha=0.15)
-        axes.set_title(column, fontsize="medium")
+        axes.set_title(_panel_title(column, flag, rows, cells), fontsize="medium")
         axes.set_xlabel("epoch")
         axes.set_ylabel("val top-1 (%)")
         axes.grid(True, alpha=0.3)

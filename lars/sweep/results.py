@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lars.sweep.run import Planned, read_marker
+from lars.sweep.run import Planned, newest_checkpoint_step, read_marker
 
 
 @dataclass
@@ -57,13 +57,29 @@ def _wall_times(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def finished(planned: Planned, config: dict) -> bool:
+    """The sweep's marker says done, or (a SLURM task, which writes no marker) the newest
+    checkpoint is at the run's last step (config.json: the plan's total, or --max-steps)."""
+    marker = read_marker(planned.log_dir)
+    if marker:
+        return marker.get("status") == "done" and marker.get("fingerprint") == planned.fingerprint
+    total = config.get("plan", {}).get("total_steps")
+    max_steps = config.get("args", {}).get("max_steps")
+    step = newest_checkpoint_step(planned.log_dir)
+    if not isinstance(total, int) or step is None:
+        return False
+    return step >= (min(total, max_steps) if isinstance(max_steps, int) else total)
+
+
 def load_result(planned: Planned) -> PointResult | None:
-    """The point's metrics, or None when its log dir has no event files yet."""
+    """The point's metrics, or None when it has not finished (or never started)."""
     from lars.report import RunDirError, load_run
 
     try:
         run = load_run(planned.log_dir)
     except RunDirError:
+        return None
+    if not finished(planned, run.config):
         return None
     val = run.scalars.get("val/top1", [])
     top5 = run.scalars.get("val/top5", [])

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lars.sweep.spec import FlagTable, Point, Spec, SpecError
+from lars.sweep.flags import FlagTable
+from lars.sweep.spec import Point, Spec, SpecError
 from lars.sweep.trainer import (
     DryRun,
     TrainerError,
@@ -211,9 +212,12 @@ def _tail(path: Path, count: int) -> list[str]:
         return []
 
 
-def slurm_commands(spec: Spec, planned: list[Planned], sweep_dir: Path) -> list[list[str]]:
+def slurm_commands(
+    spec: Spec, planned: list[Planned], sweep_dir: Path, write: bool = True
+) -> list[list[str]]:
     """Write one argument file per pending point (NUL-separated training flags) and return one
-    `sbatch --array` command per rank count; launch/sweep_array.sbatch runs task i's file."""
+    `sbatch --array` command per rank count; launch/sweep_array.sbatch runs task i's file.
+    `write=False` (--dry-run) returns the commands and writes nothing."""
     groups: dict[int, list[Planned]] = {}
     for item in planned:
         if point_state(item) != "done":
@@ -224,16 +228,8 @@ def slurm_commands(spec: Spec, planned: list[Planned], sweep_dir: Path) -> list[
     per_node = int(spec.slurm.get("gpus-per-node", 8))
     for ranks, items in sorted(groups.items()):
         task_dir = sweep_dir / "slurm" / f"ranks{ranks}"
-        task_dir.mkdir(parents=True, exist_ok=True)
-        for old in task_dir.glob("task-*.args"):
-            old.unlink()
-        for i, item in enumerate(items):
-            (task_dir / f"task-{i:04d}.args").write_bytes(
-                b"".join(word.encode() + b"\0" for word in item.train_argv())
-            )
-        (task_dir / "points.txt").write_text(
-            "".join(f"{i}\t{it.point.describe()}\t{it.log_dir}\n" for i, it in enumerate(items))
-        )
+        if write:
+            _write_tasks(task_dir, items)
         array = f"0-{len(items) - 1}" + (f"%{int(parallel)}" if parallel else "")
         commands.append(
             [
@@ -247,6 +243,19 @@ def slurm_commands(spec: Spec, planned: list[Planned], sweep_dir: Path) -> list[
             ]
         )
     return commands
+
+
+def _write_tasks(task_dir: Path, items: list[Planned]) -> None:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for old in task_dir.glob("task-*.args"):
+        old.unlink()
+    for i, item in enumerate(items):
+        (task_dir / f"task-{i:04d}.args").write_bytes(
+            b"".join(word.encode() + b"\0" for word in item.train_argv())
+        )
+    (task_dir / "points.txt").write_text(
+        "".join(f"{i}\t{it.point.describe()}\t{it.log_dir}\n" for i, it in enumerate(items))
+    )
 
 
 def _layout(ranks: int, per_node: int, spec: Spec) -> list[str]:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lars.sweep.flags import FlagTable, expand_env
 
 # Flags the sweep decides itself: where a point logs, how it resumes, how many ranks it has.
 RESERVED = {
@@ -54,7 +55,6 @@ TOP_KEYS = {
     "train-images",
 }
 CASE_KEYS = {"label", "flags", "grid", "ranks"}
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class SpecError(ValueError):
@@ -96,82 +96,6 @@ class Spec:
     plots: dict
     slurm: dict
     train_images: int | None
-
-
-def _expand_env(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    return _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
-
-
-class FlagTable:
-    """The trainer's options by every spelling, and how to type and write each one."""
-
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        self.by_name: dict[str, argparse.Action] = {}
-        for action in parser._actions:
-            longs = [s for s in action.option_strings if s.startswith("--")]
-            if not longs:
-                continue
-            for spelling in (*longs, action.dest):
-                key = spelling.lstrip("-").replace("_", "-")
-                self.by_name.setdefault(key, action)
-
-    def action(self, name: str) -> argparse.Action | None:
-        return self.by_name.get(str(name).lstrip("-").replace("_", "-"))
-
-    @staticmethod
-    def option(action: argparse.Action) -> str:
-        return next(s for s in action.option_strings if s.startswith("--"))
-
-    @staticmethod
-    def is_switch(action: argparse.Action) -> bool:
-        return action.nargs == 0
-
-    def typed(self, action: argparse.Action, value: Any) -> Any:
-        """The value as argparse would hold it; ValueError with the reason if it would not."""
-        value = _expand_env(value)
-        if self.is_switch(action):
-            if not isinstance(value, bool):
-                raise ValueError(f"takes true or false, got {value!r}")
-            if not value and not isinstance(action, argparse.BooleanOptionalAction):
-                if action.default is not False:
-                    raise ValueError("cannot be switched off")
-            return value
-        if isinstance(value, (list, dict)) or value is None:
-            raise ValueError(f"takes one value, got {value!r}")
-        if action.type is not None and not isinstance(value, bool):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError, argparse.ArgumentTypeError):
-                name = getattr(action.type, "__name__", "value")
-                raise ValueError(f"{value!r} is not a valid {name}") from None
-        elif isinstance(value, bool):
-            raise ValueError(f"takes a value, got {value!r}")
-        if action.choices is not None and value not in action.choices:
-            shown = ", ".join(map(str, action.choices))
-            raise ValueError(f"{value!r} is not one of {shown}")
-        return value
-
-    def argv(self, flags: dict[str, Any]) -> list[str]:
-        """Command-line words for canonical flags; False switches are left out (or --no-X)."""
-        words: list[str] = []
-        for option, value in flags.items():
-            action = self.action(option)
-            if action is not None and self.is_switch(action):
-                if value:
-                    words.append(option)
-                elif isinstance(action, argparse.BooleanOptionalAction):
-                    words.append("--no-" + option[2:])
-            else:
-                words += [option, _number_word(value)]
-        return words
-
-
-def _number_word(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return repr(value)  # '2.0': a float flag stays a float on the command line
-    return str(value)
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -231,6 +155,7 @@ def load_spec(path: str | Path, parser: argparse.ArgumentParser) -> Spec:
         if doc.get("pending"):  # e.g. a flag that does not exist yet: say why first
             raise SpecError(f"{path}: pending: {str(doc['pending']).strip()} ({error})") from None
         raise
+    _check_sections(path, doc)
     train_images = doc.get("train-images")
     if train_images is not None:
         (train_images,) = _int_list(train_images, f"{path}: train-images")
@@ -239,13 +164,35 @@ def load_spec(path: str | Path, parser: argparse.ArgumentParser) -> Spec:
         name=str(doc.get("name") or path.stem),
         description=str(doc.get("description") or "").strip(),
         pending=str(doc["pending"]).strip() if doc.get("pending") else None,
-        out=Path(_expand_env(str(doc.get("out") or os.path.join("runs", "sweeps")))),
+        out=Path(expand_env(str(doc.get("out") or os.path.join("runs", "sweeps")))),
         points=points,
         table=_mapping(doc.get("table"), f"{path}: table"),
         plots=_mapping(doc.get("plots"), f"{path}: plots"),
         slurm=_mapping(doc.get("slurm"), f"{path}: slurm"),
         train_images=train_images,
     )
+
+
+def _check_sections(path: Path, doc: dict) -> None:
+    """table: and slurm: hold only what the report and the array submission read."""
+    table = _mapping(doc.get("table"), f"{path}: table")
+    unknown = sorted(set(table) - {"columns", "column-by", "baseline"})
+    if unknown:
+        raise SpecError(f"{path}: table: unknown key {unknown[0]!r} (columns, column-by, baseline)")
+    if table.get("column-by", "value") not in ("value", "position"):
+        raise SpecError(f"{path}: table: column-by must be value or position")
+    slurm = _mapping(doc.get("slurm"), f"{path}: slurm")
+    unknown = sorted(set(slurm) - {"parallel", "gpus-per-node", "sbatch-args"})
+    if unknown:
+        raise SpecError(
+            f"{path}: slurm: unknown key {unknown[0]!r} (parallel, gpus-per-node, sbatch-args)"
+        )
+    for key in ("parallel", "gpus-per-node"):
+        if key in slurm:
+            _int_list(slurm[key], f"{path}: slurm: {key}")
+    args = slurm.get("sbatch-args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise SpecError(f"{path}: slurm: sbatch-args must be a list of strings")
 
 
 def _canonical_flags(table: FlagTable, flags: dict, where: str) -> dict[str, Any]:

@@ -69,66 +69,56 @@ def _values_cell(cells, row: str, columns: list[str]) -> str:
     return ", ".join(values)
 
 
-def _table(heading, rows, columns, render, first="", values=None) -> list[str]:
-    header = [first, *(["values"] if values else []), *columns]
-    lines = [f"**{heading}**", "", "| " + " | ".join(header) + " |"]
-    lines.append("|" + "---|" * len(header))
+def _table(heading: str, rows, columns, render, values=None) -> list[str]:
+    """A markdown table: one line per row, `render(row, column)` in each cell."""
+    header = ["", *(["values"] if values else []), *columns]
+    lines = [f"**{heading}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        extra = [values(row)] if values else []
-        lines.append(
-            "| " + " | ".join([row.replace("|", "\\|"), *extra, *map(render(row), columns)]) + " |"
-        )
+        words = [row.replace("|", "\\|"), *([values(row)] if values else [])]
+        words += [render(row, column) for column in columns]
+        lines.append("| " + " | ".join(words) + " |")
     return lines + [""]
 
 
-def markdown(spec, rows, columns, cells, base: str | None) -> str:
-    """The report: a description, then one table per statistic."""
+def _speedup_text(cells, base: str):
+    def render(row: str, column: str) -> str:
+        value = speedup(cells, row, column, base)
+        return "n/a" if value is None else f"{value:.2f}x"
+
+    return render
+
+
+def markdown(spec, rows, columns, cells, base: str | None, points: int | None = None) -> str:
+    """The report: what was run, then one table per statistic. `points`: how many of the spec's
+    points were asked for (a --seeds subset), default all."""
     by_position = spec.table.get("column-by", "value") == "position"
-    flag = column_flag(spec, []) or "column"
+    flag = (column_flag(spec, []) or "column").lstrip("-")
     values = (lambda row: _values_cell(cells, row, columns)) if by_position else None
     seeds = max((len(c.results) for c in cells.values()), default=0)
     done = sum(len(c.results) for c in cells.values())
-    total = len(spec.points)
+    where = " by position in each row's list (the row's values: `values`)" if by_position else ""
     lines = [f"# {spec.name}", ""]
     if spec.description:
         lines += [spec.description, ""]
+    total = len(spec.points) if points is None else points
+    subset = f" (a subset of the spec's {len(spec.points)})" if total != len(spec.points) else ""
     lines += [
-        f"{done} of {total} runs have results; cells are mean ± sample std over up to {seeds} "
-        f"run(s) (seeds); columns: {flag.lstrip('-')}"
-        + (
-            " by position in each row's list (the row's values are in `values`)"
-            if by_position
-            else ""
-        )
-        + ".",
+        f"{done} of {total} runs{subset} finished and are shown; cells are the mean ± sample "
+        f"standard deviation over up to {seeds} run(s) (seeds); columns: {flag}{where}.",
         "",
     ]
-
-    def top1(row):
-        return lambda col: _join(cells.get((row, col)))
-
-    lines += _table("Best / final val top-1 (%)", rows, columns, top1, "", values)
+    lines += _table(
+        "Best / final val top-1 (%)", rows, columns, lambda r, c: _join(cells.get((r, c))), values
+    )
     for name, heading, fmt in METRICS:
-        lines += _table(
-            heading,
-            rows,
-            columns,
-            lambda row, n=name, f=fmt: lambda c: _mean_std(cells.get((row, c)), n, f),
-            "",
-            values,
-        )
+
+        def render(row, column, name=name, fmt=fmt):
+            return _mean_std(cells.get((row, column)), name, fmt)
+
+        lines += _table(heading, rows, columns, render, values)
     if base is not None:
-
-        def ratio(row):
-            def render(col):
-                value = speedup(cells, row, col, base)
-                return "n/a" if value is None else f"{value:.2f}x"
-
-            return render
-
-        lines += _table(
-            f"Speed-up in wall time per epoch over {base}", rows, columns, ratio, "", values
-        )
+        heading = f"Speed-up in wall time per epoch over {base}"
+        lines += _table(heading, rows, columns, _speedup_text(cells, base), values)
     return "\n".join(lines)
 
 
