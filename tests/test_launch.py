@@ -31,8 +31,12 @@ case ${FAKE_SRUN_MODE:-status} in
   exec) while [ $# -gt 0 ] && [[ $1 == -* ]]; do shift; done; exec "$@" ;;
   trap) stop=0
         trap 'echo USR1 >> "$FAKE_LOG_DIR/trap.signals"; stop=1' USR1
-        trap 'echo TERM >> "$FAKE_LOG_DIR/trap.signals"; stop=1' TERM
-        [ -z "${FAKE_JOB_INFO_ON_STOP:-}" ] || trap 'echo TERM >> "$FAKE_LOG_DIR/trap.signals"; echo "$FAKE_JOB_INFO_ON_STOP" > "$FAKE_LOG_DIR/job.info"; stop=1' TERM
+        on_term() {
+          echo TERM >> "$FAKE_LOG_DIR/trap.signals"; stop=1
+          info=${FAKE_JOB_INFO_ON_STOP:-}
+          [ -z "$info" ] || echo "$info" > "$FAKE_LOG_DIR/job.info"
+        }
+        trap on_term TERM
         echo $$ > "$FAKE_LOG_DIR/trap.pid"
         while [ "$stop" = 0 ]; do sleep 0.05; done
         sleep 0.5
@@ -48,7 +52,8 @@ printf '%s\\0' "$@" > "$FAKE_LOG_DIR/scontrol.args"
 echo "$*" >> "$FAKE_LOG_DIR/scontrol.calls"
 if [ "$1" = show ]; then
   if [ -f "$FAKE_LOG_DIR/job.info" ]; then cat "$FAKE_LOG_DIR/job.info"
-  else echo "JobId=$3 JobName=x JobState=RUNNING Reason=None Requeue=1 Restarts=${SLURM_RESTART_COUNT:-0} StdOut=/dev/null"; fi
+  else echo "JobId=$3 JobState=RUNNING Reason=None Restarts=${SLURM_RESTART_COUNT:-0} StdOut=x"
+  fi
   exit 0
 fi
 exit "${FAKE_SCONTROL_STATUS:-0}"
@@ -253,7 +258,8 @@ def test_no_requeue_when_scontrol_fails_or_after_max_requeues(cluster):
 
 
 def job_info(cluster, state: str, reason: str, restarts: int, stdout: str = "/dev/null") -> None:
-    """What `scontrol show job -o` answers from now on (measured forms: launch/slurm/job_state.sh)."""
+    """What `scontrol show job -o` answers from now on (the forms measured on Slurm 22.05 are
+    listed in launch/slurm/job_state.sh)."""
     (cluster.logs / "job.info").write_text(
         f"JobId={JOB_ID} JobName=x UserId=root(0) JobState={state} Reason={reason} "
         f"Dependency=(null) Requeue=1 Restarts={restarts} BatchFlag=1 StdOut={stdout}\n"

@@ -59,10 +59,14 @@ def install(log=print, lock_wait: float = 1500) -> None:
             time.sleep(10)
 
 
-def node_line() -> tuple[str, str]:
-    """(node name, the NodeName=... line) from `slurmd -C`, addressed through 127.0.0.1."""
+def node_line(cpus: int | None = None) -> tuple[str, str]:
+    """(node name, the NodeName=... line) from `slurmd -C`, addressed through 127.0.0.1;
+    `cpus` declares more CPUs than the machine has (SlurmdParameters=config_overrides), so
+    several small test jobs run at once."""
     first = run("slurmd", "-C").splitlines()[0]
     fields = dict(item.split("=", 1) for item in first.split())
+    if cpus:
+        fields.update(CPUs=cpus, Boards=1, SocketsPerBoard=1, CoresPerSocket=cpus, ThreadsPerCore=1)
     name = fields["NodeName"]
     keep = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
     memory = max(1000, int(fields["RealMemory"]) - 2000)
@@ -84,6 +88,7 @@ SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
+SlurmdParameters=config_overrides
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ProctrackType=proctrack/linuxproc
@@ -120,8 +125,8 @@ def munge_works() -> bool:
 class LocalSlurm:
     """Start with `start()`, stop with `stop()` (idempotent; only what this object started)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path, cpus: int | None = None) -> None:
+        self.root, self.cpus = Path(root), cpus
         self.conf = self.root / "slurm.conf"
         self.daemons: list[tuple[str, subprocess.Popen]] = []
         self.node = ""
@@ -142,7 +147,7 @@ class LocalSlurm:
     def start(self, timeout: float = 90) -> LocalSlurm:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.node, line = node_line()
+        self.node, line = node_line(self.cpus)
         self.conf.write_text(slurm_conf(self.root, self.node, line))
         if not munge_works():
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
