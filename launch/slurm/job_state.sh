@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Helpers of launch/slurm.sbatch (sourced; they use its variables and its die/say): what SLURM
-# says about this job, and what to do when the training stopped at a checkpoint (status 3).
+# says about this job, and what to do when the training stopped to be requeued (status 3: its
+# checkpoint, if it made a step, is written).
 #
 # What SLURM 22.05 reports, measured on a real single-node cluster (launch/slurm/README.md), in
 # `scontrol show job -o` while the batch script still runs after the training stopped:
@@ -69,7 +70,7 @@ link_output() {
   mkdir -p "$dir" && ln -sfn "$job_stdout" "$dir/slurm-$SLURM_JOB_ID.out" 2>/dev/null || true
 }
 
-# The training stopped at a checkpoint (status 3); $1: the job's Restarts count at its start.
+# The training stopped to be requeued (status 3); $1: the job's Restarts count at its start.
 requeue_or_not() {
   local started=$1
   read_job_state
@@ -79,9 +80,9 @@ requeue_or_not() {
     exit 0
   fi
   if [ -z "$job_state" ]; then
-    say "training stopped at a checkpoint, but scontrol does not answer: not requeueing" \
-      "(the job may have been cancelled); once 'squeue -j $SLURM_JOB_ID' no longer lists it," \
-      "sbatch -J $job_name resumes from $log_dir"
+    say "training stopped to be requeued (status 3), but scontrol does not answer: not" \
+      "requeueing (the job may have been cancelled); once 'squeue -j $SLURM_JOB_ID' no" \
+      "longer lists it, sbatch -J $job_name resumes from $log_dir"
     exit "$REQUEUE_EXIT_STATUS"
   fi
   if [ "$job_state" != RUNNING ] && [ "$job_reason" != TimeLimit ]; then
@@ -90,12 +91,12 @@ requeue_or_not() {
     exit "$REQUEUE_EXIT_STATUS"
   fi
   if [ "$started" -ge "$MAX_REQUEUES" ]; then
-    say "training stopped at a checkpoint, but the job was already requeued $started times" \
-      "(MAX_REQUEUES=$MAX_REQUEUES): not requeueing; once it has ended, sbatch -J $job_name" \
-      "resumes from $log_dir (or raise MAX_REQUEUES)"
+    say "training stopped to be requeued (status 3), but the job was already requeued" \
+      "$started times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; once it has ended," \
+      "sbatch -J $job_name resumes from $log_dir (or raise MAX_REQUEUES)"
     exit "$REQUEUE_EXIT_STATUS"
   fi
-  say "training stopped at a checkpoint: requeueing job $SLURM_JOB_ID" \
+  say "training stopped to be requeued (status 3): requeueing job $SLURM_JOB_ID" \
     "(JobState=$job_state Reason=$job_reason, restart $((started + 1)) of at most $MAX_REQUEUES)"
   if scontrol requeue "$SLURM_JOB_ID"; then
     exit 0
