@@ -170,6 +170,7 @@ def _csv_cells(path: Path) -> dict[tuple[str, str], dict]:
         return {(row["row"], row["column"]): row for row in csv.DictReader(handle)}
 
 
+@pytest.mark.slow
 def test_a_2x2_sweep_runs_skips_what_is_done_and_tabulates(tmp_path, capsys):
     doc = {
         "name": "two-by-two",
@@ -254,6 +255,7 @@ def test_cells_average_seeds_with_the_sample_std(tmp_path, parser):
     assert cells[("lars", "base-lr=2")].stat("final_top1")[0] == statistics.fmean([50, 60, 40])
 
 
+@pytest.mark.distributed
 def test_one_point_under_mpirun_with_two_ranks(tmp_path):
     require_distributed()
     doc = {"out": str(tmp_path / "runs"), "flags": {**TINY, "max-steps": 1}, "ranks": 2}
