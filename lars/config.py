@@ -386,8 +386,7 @@ def resolve(flags: dict) -> dict:
     check_flags(values)
     if values["log_dir"] is None:
         ranks = (values["ranks"] if values["dry_run"] else None) or launched_size()
-        global_batch = values["batch_size"] * ranks * values["batches_per_allreduce"]
-        values["log_dir"] = default_log_dir(values, global_batch)
+        values["log_dir"] = default_log_dir(Settings.from_flat(values), ranks)
     return values
 
 

@@ -17,19 +17,10 @@ from lars.schedules import STEP_DECAY_EPOCHS, epochs_to_steps, scale_lr
 
 
 @dataclass(frozen=True)
-class RunPlan:
-    """Saved in config.json ("plan", with the derived counts) and printed at start-up."""
-
+class BatchGeometry:
     world_size: int
     micro_batch: int  # images per rank per micro-batch
     batches_per_allreduce: int  # k: micro-batches per optimizer step
-    train_images: int
-    val_images: int
-    epochs: int
-    max_steps: int | None
-    lr: float  # the peak rate, scaled for the global batch
-    warmup_steps: int
-    tv_delay_steps: int
 
     @property
     def global_batch_size(self) -> int:
@@ -38,6 +29,27 @@ class RunPlan:
     @property
     def samples_per_rank_per_step(self) -> int:
         return self.micro_batch * self.batches_per_allreduce
+
+
+def batch_geometry(settings, world_size: int, micro_batch=None, batches_per_allreduce=None):
+    """The settings' geometry, or the one given: the only reader of --batch-size and
+    --batches-per-allreduce for training."""
+    micro_batch = micro_batch or settings.batch.batch_size
+    k = batches_per_allreduce or settings.batch.batches_per_allreduce
+    return BatchGeometry(world_size, micro_batch, k)
+
+
+@dataclass(frozen=True)
+class RunPlan(BatchGeometry):
+    """Saved in config.json ("plan", with the derived counts) and printed at start-up."""
+
+    train_images: int
+    val_images: int
+    epochs: int
+    max_steps: int | None
+    lr: float  # the peak rate, scaled for the global batch
+    warmup_steps: int
+    tv_delay_steps: int
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -84,13 +96,10 @@ def plan_run(
     micro_batch: int | None = None,
     batches_per_allreduce: int | None = None,
 ) -> RunPlan:
-    """The plan for `settings` on `world_size` ranks; the geometry defaults to the settings'
-    (the only place that reads --batch-size and --batches-per-allreduce for training)."""
+    """The plan for `settings` on `world_size` ranks (geometry: `batch_geometry`)."""
     opt, sched = settings.optimizer, settings.schedule
     plan = RunPlan(
-        world_size=world_size,
-        micro_batch=micro_batch or settings.batch.batch_size,
-        batches_per_allreduce=batches_per_allreduce or settings.batch.batches_per_allreduce,
+        **asdict(batch_geometry(settings, world_size, micro_batch, batches_per_allreduce)),
         train_images=train_images,
         val_images=val_images,
         epochs=sched.epochs,
@@ -114,7 +123,7 @@ def plan_run(
     )
 
 
-def default_log_dir(values: dict, global_batch: int) -> str:
+def default_log_dir(settings, world_size: int) -> str:
     """runs/<dataset>-<model>-<optimizer>-gb<global batch>: the same command resumes itself."""
-    name = f"{values['dataset']}-{values['model']}-{values['base_op']}-gb{global_batch}"
-    return os.path.join("runs", name)
+    s, batch = settings, batch_geometry(settings, world_size).global_batch_size
+    return os.path.join("runs", f"{s.data.dataset}-{s.model.model}-{s.optimizer.base_op}-gb{batch}")
