@@ -438,21 +438,14 @@ def test_real_training_through_the_batch_script(cluster):
     assert cluster.requeues() == []
 
 
-def has_requeue_status() -> bool:
-    import lars.train
-
-    return hasattr(lars.train, "REQUEUE_EXIT_STATUS")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not has_requeue_status(), reason="lars.train has no REQUEUE_EXIT_STATUS yet")
 def test_real_training_checkpoints_on_sigusr1_is_requeued_and_resumes(cluster):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import lars.train
+    import lars.signals
 
     script_status = re.search(r"^REQUEUE_EXIT_STATUS=(\d+)$", SBATCH_SCRIPT.read_text(), re.M)
-    assert int(script_status.group(1)) == lars.train.REQUEUE_EXIT_STATUS
+    assert int(script_status.group(1)) == lars.signals.REQUEUE_EXIT_STATUS
     log_dir = cluster.log_root / "requeue"
     run_args = [*TINY_RUN, "--epochs", "50", "--log-interval", "1"]
     job = cluster.start(
