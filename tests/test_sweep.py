@@ -407,3 +407,31 @@ def test_alexnet_bn_has_the_systemds_layers():
     bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     assert bn <= {id(p) for p in plain["params"]}
     assert not bn & {id(p) for p in decayed["params"]}
+
+
+@pytest.mark.slow
+def test_an_interrupted_point_resumes_in_its_own_log_dir(tmp_path, capsys):
+    # --max-steps is not part of a run's identity (lars.fingerprint): a point stopped at step 1
+    # of 2 is the same point, left partial, as an interrupted run would be.
+    doc = {"out": str(tmp_path / "runs"), "flags": {**TINY, "max-steps": 1, "log-interval": 1}}
+    path = write_spec(tmp_path, doc)
+    assert main([str(path)]) == 0
+    (log_dir,) = (tmp_path / "runs" / "spec").iterdir()
+    doc["flags"]["max-steps"] = 2
+    write_spec(tmp_path, doc)
+    capsys.readouterr()
+    assert main([str(path), "--dry-run"]) == 0
+    assert "(1 partial)" in capsys.readouterr().out
+    assert main([str(path)]) == 0
+    assert "resuming in" in capsys.readouterr().out
+    assert [d.name for d in (tmp_path / "runs" / "spec").iterdir()] == [log_dir.name]
+    assert newest_checkpoint_step(log_dir) == 2
+    files = sorted(log_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    steps_by_file = []
+    for events in files:
+        single = tmp_path / "one" / events.name
+        single.parent.mkdir(exist_ok=True)
+        single.write_bytes(events.read_bytes())
+        steps_by_file.append([step for step, _ in _read_events(single.parent, "train/loss")])
+        single.unlink()
+    assert [s for s in steps_by_file if s] == [[1], [2]]  # the second run trained step 2 only
