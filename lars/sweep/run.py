@@ -163,7 +163,11 @@ def training_command(item: Planned) -> list[str]:
         [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "lars.cli"]
     )
     train += item.train_argv()
-    return train if item.point.ranks == 1 else [str(MPIRUN), str(item.point.ranks), *train]
+    if item.point.ranks == 1:
+        return train
+    # An installed package has no launch/: plain mpirun (add Open MPI's flags yourself).
+    launcher = [str(MPIRUN)] if MPIRUN.is_file() else ["mpirun", "-np"]
+    return [*launcher, str(item.point.ranks), *train]
 
 
 def run_local(planned: list[Planned], echo=print) -> int:
