@@ -37,10 +37,10 @@ from ._common import (
     check_arg,
     check_lr,
     check_variant,
+    new_step_log,
     record_trust_ratios,
     resolve_foreach,
     resolve_variant_args,
-    new_step_log,
     step_on_device,
 )
 
