@@ -61,13 +61,7 @@ DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")  # lars.data.lo
 _BASE_LR_HELP = ", ".join(f"{s.name} {s.base_lr:g}" for s in OPTIMIZER_SPECS.values())
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pytorch_imagenet_resnet.py",
-        description="Large-batch ImageNet training with LARS, TVLARS and LAMB on Horovod.",
-        epilog="Without --train-dir the run uses the embedded sample dataset (built on first use).",
-    )
-    d = p.add_argument_group("data")
+def _data_flags(d) -> None:
     d.add_argument("--train-dir", help="ImageFolder root of the training set (default: sample set)")
     d.add_argument("--val-dir", help="ImageFolder root of the validation set")
     d.add_argument(
@@ -124,7 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="data-loading processes per rank (default: CPU cores per rank - 1)",
     )
 
-    m = p.add_argument_group("model and batch")
+
+def _model_and_batch_flags(m) -> None:
     m.add_argument(
         "--model",
         help="torchvision model name, or resnet18_small/34/50 for 32-64 px, "
@@ -147,7 +142,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--label-smoothing", type=float, help="label smoothing (0.1; sample set: 0)")
 
-    o = p.add_argument_group("optimizer")
+
+def _optimizer_flags(o) -> None:
     o.add_argument(
         "--base-op",
         "--optimizer",
@@ -200,7 +196,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="TVLARS gamma_min, the floor of phi (default: 0)",
     )
 
-    s = p.add_argument_group("learning-rate schedule")
+
+def _schedule_flags(s) -> None:
     s.add_argument(
         "--schedule",
         choices=SCHEDULES,
@@ -219,7 +216,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--end-lr", type=float, default=0.0, help="final learning rate (default: 0)")
 
-    h = p.add_argument_group("distributed and hardware")
+
+def _hardware_flags(h) -> None:
     h.add_argument(
         "--backend",
         choices=("auto", "horovod", "torch"),
@@ -252,7 +250,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="torch CPU threads per rank (default: CPU cores / ranks on the node)",
     )
 
-    c = p.add_argument_group("configuration files and planning")
+
+def _planning_flags(c) -> None:
     c.add_argument(
         "--config",
         metavar="FILE.yaml",
@@ -271,7 +270,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="with --dry-run: plan for this many ranks (default: this launch's)",
     )
 
-    r = p.add_argument_group("run, logging and checkpoints")
+
+def _run_flags(r) -> None:
     r.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     r.add_argument(
         "--log-dir",
@@ -311,7 +311,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "uninterrupted one (slower on GPU)",
     )
 
-    f = p.add_argument_group("fault tolerance")
+
+def _fault_tolerance_flags(f) -> None:
     f.add_argument(
         "--nonfinite",
         choices=("skip", "abort"),
@@ -335,6 +336,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds a rank may stop taking part before Horovod ends the job (default: 300)",
     )
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pytorch_imagenet_resnet.py",
+        description="Large-batch ImageNet training with LARS, TVLARS and LAMB on Horovod.",
+        epilog="Without --train-dir the run uses the embedded sample dataset (built on first use).",
+    )
+    for title, add_flags in (
+        ("data", _data_flags),
+        ("model and batch", _model_and_batch_flags),
+        ("optimizer", _optimizer_flags),
+        ("learning-rate schedule", _schedule_flags),
+        ("distributed and hardware", _hardware_flags),
+        ("configuration files and planning", _planning_flags),
+        ("run, logging and checkpoints", _run_flags),
+        ("fault tolerance", _fault_tolerance_flags),
+    ):
+        add_flags(p.add_argument_group(title))
     return p
 
 
