@@ -40,7 +40,7 @@ case ${FAKE_SRUN_MODE:-status} in
         echo $$ > "$FAKE_LOG_DIR/trap.pid"
         while [ "$stop" = 0 ]; do sleep 0.05; done
         sleep 0.5
-        exit 3 ;;
+        exit "${FAKE_TRAP_STATUS:-3}" ;;
 esac
 exit "${FAKE_SRUN_STATUS:-0}"
 """,
@@ -303,6 +303,23 @@ def test_a_job_slurm_already_requeued_is_left_alone_and_no_resubmission_is_advis
     assert job.returncode == 0, output
     assert cluster.requeues() == []
     assert "already requeued" in output and "sbatch -J" not in output
+
+
+@pytest.mark.parametrize("reason, requeued", [("TimeLimit", True), ("None", False)])
+def test_a_failure_after_sigterm_is_requeued_only_at_the_time_limit(cluster, reason, requeued):
+    """LAUNCHER=mpirun: at the time limit mpirun kills the ranks after SLURM's SIGTERM and exits
+    1 (measured), usually after the checkpoint is written; a cancelled job still ends."""
+    job_info(cluster, "COMPLETING", reason, 0)
+    job = cluster.start(str(SBATCH_SCRIPT), FAKE_SRUN_MODE="trap", FAKE_TRAP_STATUS="1")
+    try:
+        wait_for((cluster.logs / "trap.pid").exists, 30, "the fake training to start")
+        job.send_signal(signal.SIGTERM)
+        os.kill(int((cluster.logs / "trap.pid").read_text()), signal.SIGTERM)
+        output, _ = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == (0 if requeued else 1), output
+    assert cluster.requeues() == ([f"requeue {JOB_ID}"] if requeued else [])
 
 
 def test_a_time_limit_that_leaves_no_time_is_refused_and_a_short_one_warned(cluster):

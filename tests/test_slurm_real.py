@@ -80,8 +80,8 @@ class Slurm:
             OMP_NUM_THREADS="1",
         )
 
-    def submit(self, name: str, *sbatch: str, script=SCRIPT, **env: str) -> str:
-        config = self.config(name, LONG)
+    def submit(self, name: str, *sbatch: str, script=SCRIPT, max_steps=LONG, **env: str) -> str:
+        config = self.config(name, max_steps)
         out = subprocess.run(
             ["sbatch", "--parsable", "-J", name, "--nodes=1", "--ntasks-per-node=2"]
             + ["--cpus-per-task=1", "--gpus-per-node=0", f"--output={self.tmp}/{name}-%j.out"]
@@ -96,8 +96,10 @@ class Slurm:
         return out.stdout.strip().split(";")[0]
 
     def config(self, name: str, max_steps: int) -> Path:
+        """The run's --config: the sample set has 22 steps an epoch; `epochs` keeps a run that
+        must be stopped by a signal going long enough."""
         path = self.tmp / f"{name}.yaml"
-        path.write_text(f"max-steps: {max_steps}\n")
+        path.write_text(f"max-steps: {max_steps}\nepochs: 1000\n")
         return path
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -215,8 +217,7 @@ def minutes_from_now(slurm: Slurm, job_id: str, extra: int) -> str:
 def scenario_a(slurm: Slurm) -> dict:
     """(a) A 2-rank run writes events and a checkpoint under LOG_ROOT/<job name>."""
     name = "a-run"
-    job_id = slurm.submit(name, "--time=10")
-    slurm.config(name, 4)
+    job_id = slurm.submit(name, "--time=10", max_steps=4)
     job = slurm.ended(job_id)
     log, run = slurm.log(name, job_id), slurm.log_dir(name)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
@@ -243,21 +244,25 @@ def scenario_b(slurm: Slurm) -> dict:
     return job
 
 
-def scenario_c(slurm: Slurm) -> dict:
+def scenario_c(slurm: Slurm, launcher: str = "srun") -> dict:
     """(c) The time limit without a warning: SIGTERM, SIGCONT, SIGTERM to every rank; one
-    request: checkpoint, exit 3, requeue (Reason=TimeLimit), resume."""
-    name = "c-limit"
+    request: checkpoint, exit 3, requeue (Reason=TimeLimit), resume. With LAUNCHER=mpirun,
+    mpirun kills the ranks after the SIGTERM and exits 1: requeued all the same, resumed from
+    the newest checkpoint."""
+    name = f"c-limit-{launcher}"
     script = slurm.tmp / "slurm-no-warning.sbatch"  # the script of a user who dropped --signal
     script.write_text(re.sub(r"^#SBATCH --signal=.*\n", "", SCRIPT.read_text(), flags=re.M))
-    job_id = slurm.submit(name, "--time=10", script=script)
+    job_id = slurm.submit(name, "--time=10", script=script, LAUNCHER=launcher)
     slurm.training(name, job_id)
     slurm.scontrol("update", f"JobId={job_id}", "TimeLimit=1")  # ends at SLURM's next check
     stopped = slurm.release_requeued(name, job_id, 1, TimeLimit="10")
     job = slurm.ended(job_id)
     log = slurm.log(name, job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log
-    assert "got SIGTERM" in log and "Reason=TimeLimit" in log and stopped > 0, log
+    assert "got SIGTERM" in log and "Reason=TimeLimit" in log, log
     assert "exiting now" not in log and "status 143" not in log, log
+    if launcher == "srun":
+        assert "stopped by signal 15" in log and stopped > 0, log
     assert resumed_first_step(slurm, name, job_id, 1) == stopped + 1
     return job
 
@@ -365,7 +370,7 @@ def scenario_d(slurm: Slurm) -> dict:
 
 
 PHASE_1 = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "e": scenario_e}
-PHASE_1 |= {"f": scenario_f, "gh": scenario_gh}
+PHASE_1 |= {"f": scenario_f, "gh": scenario_gh, "c-mpirun": lambda s: scenario_c(s, "mpirun")}
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +409,10 @@ def test_b_time_limit_with_the_usr1_warning_checkpoints_requeues_and_resumes(pha
 
 def test_c_time_limit_without_a_warning_checkpoints_requeues_and_resumes(phase_1):
     outcome(phase_1, "c")
+
+
+def test_c_mpirun_time_limit_without_a_warning_requeues_and_resumes(phase_1):
+    outcome(phase_1, "c-mpirun")
 
 
 def test_e_scancel_ends_the_job_for_good(phase_1):

@@ -80,7 +80,7 @@ requeue_or_not() {
     exit 0
   fi
   if [ -z "$job_state" ]; then
-    say "training stopped to be requeued (status 3), but scontrol does not answer: not" \
+    say "training stopped to be requeued (status $status), but scontrol does not answer: not" \
       "requeueing (the job may have been cancelled); once 'squeue -j $SLURM_JOB_ID' no" \
       "longer lists it, sbatch -J $job_name resumes from $log_dir"
     exit "$REQUEUE_EXIT_STATUS"
@@ -91,12 +91,12 @@ requeue_or_not() {
     exit "$REQUEUE_EXIT_STATUS"
   fi
   if [ "$started" -ge "$MAX_REQUEUES" ]; then
-    say "training stopped to be requeued (status 3), but the job was already requeued" \
+    say "training stopped to be requeued (status $status), but the job was already requeued" \
       "$started times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; once it has ended," \
       "sbatch -J $job_name resumes from $log_dir (or raise MAX_REQUEUES)"
     exit "$REQUEUE_EXIT_STATUS"
   fi
-  say "training stopped to be requeued (status 3): requeueing job $SLURM_JOB_ID" \
+  say "training stopped to be requeued (status $status): requeueing job $SLURM_JOB_ID" \
     "(JobState=$job_state Reason=$job_reason, restart $((started + 1)) of at most $MAX_REQUEUES)"
   if scontrol requeue "$SLURM_JOB_ID"; then
     exit 0
