@@ -175,3 +175,25 @@ def test_low_precision_parameters_track_the_reference(cls, foreach, dtype, tol):
                                    msg=f"tensor {i} {SHAPES[i]}")  # fmt: skip
     for _, ratio in opt.last_trust_ratios():
         assert torch.isfinite(ratio).all()
+
+
+@PATHS
+@pytest.mark.parametrize("variant", ["nus", "authors"])
+def test_lamb_variants_with_other_strides(variant, foreach):
+    """LAMB nus and authors also run Adam's fused kernel (without bias correction): the same
+    stride rule applies."""
+    from test_optim_variants import ref_lamb_variant
+
+    weights, grads = odd_stride_problem()
+    params = as_odd_params(weights)
+    opt = LAMB(params, variant=variant, foreach=foreach, **LAMB_KW)
+    for row in grads:
+        for p, g in zip(params, row):
+            p.grad = g.clone()
+            p.grad.set_(p.grad.contiguous())
+        opt.step()
+    ref = ref_lamb_variant(weights, grads, [True] * len(weights), nus=variant == "nus", **LAMB_REF)[
+        0
+    ]
+    for ours, expected in zip(params, ref):
+        torch.testing.assert_close(ours.detach(), expected, rtol=1e-12, atol=1e-13)

@@ -215,11 +215,12 @@ LAMB_CASES = [  # (grad scale, settings): scale 3 makes the global norm exceed 1
 ]
 
 
-@PATHS
+@pytest.mark.parametrize("path", ["foreach", "foreach-unfused", "loop"])
 @ADAPT
 @pytest.mark.parametrize("variant", ["nus", "authors"])
 @pytest.mark.parametrize("scale,case", LAMB_CASES, ids=["small-g", "clipped-wd", "betas"])
-def test_lamb_variants_match_reference(scale, case, variant, adapted, foreach):
+def test_lamb_variants_match_reference(scale, case, variant, adapted, path):
+    foreach, fused = path != "loop", path != "foreach-unfused"
     weights, grads = scaled_problem(13, scale)
     if variant == "authors" and scale > 1:
         weights = [x * 8 for x in weights]  # ||w|| past the clamp at 10
@@ -228,7 +229,6 @@ def test_lamb_variants_match_reference(scale, case, variant, adapted, foreach):
     ref, ref_trust, clipped = ref_lamb_variant(weights, grads, adapted, nus=nus, **case)
     assert clipped == (nus and scale > 1)
     kwargs = dict(lr=case["lr"], betas=(case["beta1"], case["beta2"]), eps=case["eps"])
-    ours, ours_trust, _ = run_ours(
-        LAMB, weights, grads, adapted, foreach, weight_decay=case["wd"], variant=variant, **kwargs
-    )
+    kwargs.update(weight_decay=case["wd"], variant=variant, fused=fused)
+    ours, ours_trust, _ = run_ours(LAMB, weights, grads, adapted, foreach, **kwargs)
     assert_matches(ours, ref, ours_trust, ref_trust, adapted)

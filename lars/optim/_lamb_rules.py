@@ -23,6 +23,7 @@ normal number, so a tensor whose gradients were all 0 gets u = 0 instead of 0 / 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +144,6 @@ def _fusable(h: Hyper, p: Tensor, g: Tensor, mo: Tensor, ve: Tensor, step: Tenso
     return (
         h.fused
         and not torch.compiler.is_compiling()
-        and h.bias_correction
         and p.device.type in FUSED_DEVICES
         and step.dtype == torch.float32
         and h.eps > 0.0
@@ -155,13 +155,17 @@ def _fused_direction(params, grads, exp_avgs, exp_avg_sqs, steps, *, h: Hyper) -
     """u = (mo / bc1) / (sqrt(ve / bc2) + eps) + wd * w in one pass, updating mo and ve.
 
     Adam's fused kernel does x -= lr * (mo / bc1) / (sqrt(ve / bc2) + eps), with the moments
-    updated as in LAMB; run with lr = -1 on a fresh x = wd * w, it leaves u in x. x gets the
+    updated as in LAMB; run with lr = -1 on a fresh x = wd * w, it leaves u in x. Without bias
+    correction (``nus``, ``authors``) the kernel is handed t = inf instead of the step counts:
+    b^inf = 0 exactly, so bc1 = bc2 = 1 and u = mo / (sqrt(ve) + eps) + wd * w. x gets the
     parameters' strides (foreach ops and preserve_format keep them), which the kernel assumes.
     """
     if h.weight_decay != 0.0:
         u = list(torch._foreach_mul(params, h.weight_decay))
     else:
         u = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+    if not h.bias_correction:
+        steps = [torch.full((), math.inf, device=steps[0].device)] * len(steps)
     torch._fused_adam_(
         u,
         grads,
