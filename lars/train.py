@@ -367,9 +367,9 @@ def finish_epoch(parts: Parts, state: TrainState) -> None:
 
 
 def _preempted(parts: Parts, state: TrainState, saved: bool) -> Preempted:
-    where = f"checkpoint in {parts.settings.run.log_dir}" if saved else "before the first step"
+    where = f"; checkpoint in {parts.settings.run.log_dir}" if saved else ", before training"
     return Preempted(
-        f"stopped by signal {parts.preemption.received} at step {state.step}; {where}; "
+        f"stopped by signal {parts.preemption.received} at step {state.step}{where}; "
         "run the same command again to resume"
     )
 
