@@ -321,7 +321,7 @@ def test_strict_data_stops_at_the_first_unreadable_file(odd):
 
 
 @needs_dali
-def test_crops_repeat_for_the_same_seed_and_epoch_and_change_with_the_epoch(gradients):
+def test_crops_repeat_for_the_same_seed_and_epoch_whatever_the_threads(gradients):
     def epoch_images(cfg, epoch):
         loaders = build_loaders(cfg, 0, 1, pin_memory=False)
         loaders.train_sampler.set_epoch(epoch)
@@ -330,6 +330,7 @@ def test_crops_repeat_for_the_same_seed_and_epoch_and_change_with_the_epoch(grad
     cfg = config(gradients, batch_size=25, workers=2)
     first = epoch_images(cfg, 0)
     assert torch.equal(first, epoch_images(cfg, 0))  # a fresh loader: the same crops
+    assert torch.equal(first, epoch_images(config(gradients, batch_size=25, workers=3), 0))
     assert not torch.equal(first, epoch_images(cfg, 1))
     assert not torch.equal(first, epoch_images(config(gradients, batch_size=25, seed=1), 0))
 
