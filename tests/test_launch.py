@@ -27,6 +27,7 @@ FAKES = {
     # signal) and exits 3.
     "srun": """
 printf '%s\\0' "$@" > "$FAKE_LOG_DIR/srun.args"
+echo "${OMP_NUM_THREADS:-unset}" > "$FAKE_LOG_DIR/srun.omp"
 case ${FAKE_SRUN_MODE:-status} in
   exec) while [ $# -gt 0 ] && [[ $1 == -* ]]; do shift; done; exec "$@" ;;
   trap) stop=0
@@ -99,6 +100,7 @@ class FakeCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+        env.pop("OMP_NUM_THREADS", None)
         env.update(
             PATH=f"{self.bin}{os.pathsep}{env['PATH']}",
             FAKE_LOG_DIR=str(self.logs),
@@ -190,6 +192,16 @@ def test_srun_gets_the_training_command_and_its_arguments(cluster):
         *train_args,
     ]
     assert cluster.requeues() == []
+
+
+def test_srun_ranks_get_the_launch_defaults_of_launch_env_sh(cluster):
+    """launch/env.sh's defaults, as launch/mpirun.sh sets them: threads per rank from the
+    allocation (cores per task); a value the user set wins."""
+    allocation = {"SLURM_CPUS_PER_TASK": "6", "SLURM_NTASKS_PER_NODE": "4"}
+    assert cluster.sbatch(str(SBATCH_SCRIPT), **allocation).returncode == 0
+    assert (cluster.logs / "srun.omp").read_text().strip() == "6"
+    assert cluster.sbatch(str(SBATCH_SCRIPT), OMP_NUM_THREADS="2", **allocation).returncode == 0
+    assert (cluster.logs / "srun.omp").read_text().strip() == "2"
 
 
 def test_srun_mpi_type_extra_flags_and_a_given_log_dir(cluster):
