@@ -117,6 +117,8 @@ def multi_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, h: Hyper) -> Trust
         b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps = bucket
         increment_steps(b_steps)
         if h.grad_scale is not None:
+            # A scaled copy: the fused kernel's own grad_scale argument writes the unscaled
+            # gradient back into p.grad, which an optimizer step must never modify.
             b_grads = list(torch._foreach_mul(b_grads, h.grad_scale.to(dtype)))
         moments = (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps)
         u = _fused_direction(*moments, h=h) if fused else _foreach_direction(*moments, h=h)
