@@ -6,8 +6,9 @@ Each takes a ``variant`` (``VARIANTS``; the first, the paper's form, is the defa
 a published implementation's update rule; ``VARIANT_DEFAULTS`` lists each variant's own arguments.
 """
 
+from .adagrad_norm import AdaGradNorm
 from .lamb import LAMB
 from .lars import LARS
 from .tvlars import TVLARS
 
-__all__ = ["LARS", "LAMB", "TVLARS"]
+__all__ = ["LARS", "LAMB", "TVLARS", "AdaGradNorm"]
