@@ -119,7 +119,8 @@ class MicroBatchEstimator:
             if not self.active:
                 return None
             grad = grad.detach()
-            self.norms.append((index, torch.linalg.vector_norm(grad, dtype=torch.float32)))
+            wide = torch.promote_types(grad.dtype, torch.float32)  # fp16/bf16 grads: float32 norms
+            self.norms.append((index, torch.linalg.vector_norm(grad, dtype=wide)))
             if self.mode == "copy":
                 self.copies.append((index, grad.clone()))
             elif self.mode == "previous" and self.direction is not None:
@@ -151,7 +152,10 @@ class MicroBatchEstimator:
             self._per_tensor(self.norms, True, device) * factor**2,
         ]
         if self.mode == "copy":
-            dots = [(i, torch.dot(c.flatten().float(), gbar[i].flatten())) for i, c in self.copies]
+            dots = [
+                (i, torch.dot(c.flatten().to(gbar[i].dtype), gbar[i].flatten()))
+                for i, c in self.copies
+            ]
         else:
             dots = self.dots
         if self.mode != "none":
@@ -168,7 +172,9 @@ class MicroBatchEstimator:
         self.active = False
         device = self.params[0].device
         gbar = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float()
+            (p.grad if p.grad is not None else torch.zeros_like(p))
+            .detach()
+            .to(torch.promote_types(p.dtype, torch.float32))
             for p in self.params
         ]
         gbar_sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in gbar])

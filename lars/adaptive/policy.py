@@ -8,7 +8,8 @@ new (b, k) that never shrinks either factor and never passes ``max_batch`` or ``
 - ``order="accumulation"`` (the default): grow k first (Horovod's
   ``set_backward_passes_per_step`` / DDP's ``no_sync`` count, changed between steps: no new
   workers, no new loader), k = ceil(B* / (b W)); once k would pass ``max_batches_per_allreduce``
-  the micro-batch grows up to ``max_micro_batch``, then k again past its cap.
+  the micro-batch grows up to ``max_micro_batch`` (both caps are hard: ``check`` refuses caps
+  whose product cannot reach ``max_batch``; without a k cap the micro-batch never grows).
 - ``order="micro-batch"``: AdAdaGrad's reference order, b first up to its cap, then k.
 
 Learning rate when B changes from the start batch B0 (``lr_factor``), a multiplier of the
@@ -51,8 +52,9 @@ def lr_factor(policy: str, batch: int, start_batch: int, b_simple: float = math.
 
 @dataclass(frozen=True)
 class BatchGrowth:
-    """The caps: ``max_batch`` (global), ``max_micro_batch`` (per rank, what fits memory) and
-    optionally ``max_batches_per_allreduce`` (k past which the micro-batch grows first)."""
+    """The caps: ``max_batch`` (global), ``max_micro_batch`` (per rank, what fits memory) and,
+    for ``order="accumulation"``, ``max_batches_per_allreduce`` (where k stops and the micro-batch
+    starts growing; None: k alone grows)."""
 
     world_size: int
     max_batch: int
@@ -93,7 +95,6 @@ class BatchGrowth:
             if new_k > k_cap:
                 new_k = max(k, int(k_cap))
                 new_micro = min(self.max_micro_batch, max(micro, math.ceil(target / (w * new_k))))
-                new_k = max(new_k, math.ceil(target / (w * new_micro)))
         return self._fit(micro, k, new_micro, new_k)
 
     def _fit(self, micro: int, k: int, new_micro: int, new_k: int) -> tuple[int, int]:
@@ -167,7 +168,7 @@ class BatchController:
         target = next_batch_size(s.global_batch_size, wanted, self.growth.max_batch)
         s.micro_batch, s.batches_per_allreduce = self.growth.geometry_for(*before, target)
         s.tests += 1
-        s.last = {**smoothed.to_dict(), "b_new": wanted}
+        s.last = {**smoothed.to_dict(), "b_new": wanted, "target": target}
         s.smoother = self.smoother.state_dict()
         s.lr_factor = lr_factor(
             self.lr_policy, s.global_batch_size, s.start_batch, smoothed.b_simple
