@@ -1,0 +1,135 @@
+"""The Barlow Twins model: a backbone without its classifier, a projector, a final BatchNorm.
+
+Zbontar et al. 2021 (arXiv:2103.03230), section 2 and appendix: a ResNet-50 whose classifier is
+removed (2048-d features), a projector of three linear layers of 8192 units, the first two followed
+by BatchNorm1d and ReLU, all without biases, and a BatchNorm1d without affine parameters applied to
+each view's embedding before the cross-correlation (`lars.tasks.bt_loss`).
+
+Here the backbone is any model `lars.models.build_model` builds. Its classifier (the last Linear
+producing the class scores) is replaced by an identity, and the projector's input width is that
+Linear's input width, checked by a dummy forward pass: the TVLARS repository hard-coded 512, right
+for ResNet-18 only.
+
+    model = build_barlow_twins("resnet18_small", projector="2048-2048-2048")
+    z1, z2 = model(view1, view2)       # (n, 2048) each, batch-normalised, no affine
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lars.models import build_model
+
+__all__ = ["BarlowTwins", "build_barlow_twins", "headless_backbone", "parse_projector"]
+
+DEFAULT_PROJECTOR = "8192-8192-8192"
+_SENTINEL_CLASSES = 9973  # a class count no hidden layer of a torchvision model has
+
+
+def parse_projector(spec: str) -> list[int]:
+    """'8192-8192-8192' -> [8192, 8192, 8192]; ValueError naming --projector otherwise."""
+    try:
+        widths = [int(part) for part in str(spec).split("-")]
+    except ValueError:
+        widths = []
+    if not widths or any(width <= 0 for width in widths):
+        raise ValueError(
+            f"--projector {spec!r}: expected positive layer widths joined by '-', "
+            "e.g. 8192-8192-8192"
+        )
+    return widths
+
+
+def build_projector(in_features: int, widths: list[int]) -> nn.Sequential:
+    """Linear(no bias)-BatchNorm1d-ReLU for every width but the last, then Linear(no bias)."""
+    layers: list[nn.Module] = []
+    sizes = [in_features, *widths]
+    for width_in, width_out in zip(sizes[:-2], sizes[1:-1]):
+        layers += [
+            nn.Linear(width_in, width_out, bias=False),
+            nn.BatchNorm1d(width_out),
+            nn.ReLU(inplace=True),
+        ]
+    layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+def _parent_and_name(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = qualified.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+@torch.no_grad()
+def _feature_width(backbone: nn.Module, image_size: int) -> int:
+    was_training = backbone.training
+    backbone.eval()  # BatchNorm statistics must not move, and a batch of 2 is enough
+    probe = next(backbone.parameters()).new_zeros(2, 3, image_size, image_size)
+    features = backbone(probe)
+    backbone.train(was_training)
+    if features.dim() != 2:
+        raise ValueError(f"the backbone's features have shape {tuple(features.shape)}, not (n, d)")
+    return features.shape[1]
+
+
+def headless_backbone(name: str, image_size: int = 32) -> tuple[nn.Module, int]:
+    """(backbone with its classifier replaced by nn.Identity, its feature width).
+
+    The classifier is the last nn.Linear with the model's class count as its output width (the
+    model is built with an unusual count so that no other layer matches): `fc` of a ResNet,
+    `classifier[-1]` of VGG, MobileNet or EfficientNet, `heads.head` of a ViT, `head` of Swin.
+    The width is that Linear's `in_features`, and a dummy forward at `image_size` must agree.
+    ValueError naming --model when no such Linear exists (SqueezeNet's classifier is a conv).
+    """
+    model = build_model(name, num_classes=_SENTINEL_CLASSES)
+    heads = [
+        qualified
+        for qualified, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.out_features == _SENTINEL_CLASSES
+    ]
+    if not heads:
+        raise ValueError(f"--model {name!r} has no linear classifier that Barlow Twins can remove")
+    parent, attribute = _parent_and_name(model, heads[-1])
+    width = getattr(parent, attribute).in_features
+    setattr(parent, attribute, nn.Identity())
+    measured = _feature_width(model, image_size)
+    if measured != width:
+        raise ValueError(
+            f"--model {name!r}: features of width {measured} reach the removed classifier, "
+            f"which took {width}"
+        )
+    return model, width
+
+
+class BarlowTwins(nn.Module):
+    """backbone -> projector -> BatchNorm1d(affine=False), applied to each view separately.
+
+    `forward(y1, y2)` returns the two normalised embeddings (n, D); each view has its own batch
+    statistics, as in the original. `features(x)` is the backbone alone (the linear probe's and
+    the k-NN monitor's input).
+    """
+
+    def __init__(self, backbone: nn.Module, feature_width: int, widths: list[int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_width = feature_width
+        self.projector = build_projector(feature_width, widths)
+        self.bn = nn.BatchNorm1d(widths[-1], affine=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.projector(self.backbone(x)))
+
+    def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed(y1), self.embed(y2)
+
+
+def build_barlow_twins(
+    model: str, projector: str = DEFAULT_PROJECTOR, image_size: int = 32
+) -> BarlowTwins:
+    """The Barlow Twins model over backbone `model` (any `lars.models.build_model` name)."""
+    widths = parse_projector(projector)
+    backbone, width = headless_backbone(model, image_size)
+    return BarlowTwins(backbone, width, widths)
