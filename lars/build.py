@@ -44,7 +44,10 @@ def build_datasets(settings, quiet: bool = True):
     try:
         return datasets_of(data_config(settings, workers=0))
     except (FileNotFoundError, ValueError) as error:
-        raise DataError(str(error)) from None
+        message = str(error)
+        if settings.data.data_dir and "--" not in message:  # an archive dataset's file
+            message = f"--data-dir {settings.data.data_dir}: {message}"
+        raise DataError(message) from None
 
 
 def build_loaders(settings, dist, cuda: bool, datasets) -> Loaders:
@@ -80,9 +83,25 @@ def build_optimizer(settings, model: torch.nn.Module, plan):
         ]
     spec = OPTIMIZER_SPECS[opt.base_op]
     hyper = {FLAG_TO_HYPERPARAMETER[flag]: getattr(opt, flag) for flag in spec.flags}
-    if "delay_steps" in hyper:  # --tv-delay-epochs, in optimizer steps
-        hyper["delay_steps"] = plan.tv_delay_steps
+    if "delay_steps" in hyper:  # TVLARS: lambda and d_e (steps) as the plan resolved them
+        hyper["lmbda"], hyper["delay_steps"] = plan.tv_lmbda, plan.tv_delay_steps
     return build_optimizer_by_name(opt.base_op, groups, lr=plan.lr, **hyper), groups
+
+
+def describe_split(settings) -> str:
+    """Which parameter groups the run's optimizer gets, and which setting decided it."""
+    from lars.factory import OPTIMIZER_SPECS
+
+    opt = settings.optimizer
+    recommended = OPTIMIZER_SPECS[opt.base_op].bn_bias_separately
+    if opt.bn_bias_separately:
+        why = f"the default for {opt.base_op}" if recommended else "asked for"
+        return (
+            f"biases, normalisation and other vectors without weight decay and layer "
+            f"adaptation (--bn-bias-separately, {why}; --no-bn-bias-separately: one group)"
+        )
+    why = "asked for" if recommended else f"the default for {opt.base_op}"
+    return f"one group (--no-bn-bias-separately, {why}; --bn-bias-separately splits them)"
 
 
 def schedule_arguments(settings, plan) -> dict:

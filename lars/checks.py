@@ -48,6 +48,12 @@ def flag(name: str, value: Any) -> bool:
     return value
 
 
+def text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a name, got {value!r}")
+    return value
+
+
 def betas(name: str, value: Any) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
@@ -75,6 +81,7 @@ HYPERPARAMETER_CHECKS: dict[str, Check] = {
     "initial_accumulator_value": non_negative,
     "rmsprop_alpha": unit_interval_closed,
     "centered": flag,
+    "variant": text,  # the class checks the name against its VARIANTS
 }
 
 # The flags that become an optimizer keyword argument (see lars.factory.OPTIMIZER_SPECS).
@@ -86,16 +93,22 @@ FLAG_TO_HYPERPARAMETER = {
     "tv_alpha": "alpha",
     "tv_delay_epochs": "delay_steps",
     "tv_min_scale": "min_scale",
+    "optimizer_variant": "variant",
 }
 
 _POSITIVE = (
-    "epochs batch_size val_batch_size batches_per_allreduce image_size lr_reference_batch "
-    "log_interval keep_checkpoints max_steps threads checkpoint_every_steps max_nonfinite "
-    "stall_timeout ranks clip_grad_norm lr_power"
+    "epochs batch_size val_batch_size batches_per_allreduce lr_reference_batch log_interval "
+    "keep_checkpoints max_steps checkpoint_every_steps max_nonfinite ranks clip_grad_norm "
+    "lr_power base_lr train_images"
 ).split()
 FLAG_CHECKS: dict[str, Check] = {
     **{name: positive for name in _POSITIVE},
-    **{name: non_negative for name in ("base_lr", "warmup_epochs", "end_lr", "workers")},
+    **{name: non_negative for name in ("warmup_epochs", "end_lr", "seed")},
+    # Values a machine cannot honour fail here, not as a traceback half-way through start-up.
+    "threads": partial(number, low=0.0, high=4096.0, open_low=True, open_high=False),
+    "workers": partial(number, low=0.0, high=1024.0, open_high=False),
+    "image_size": partial(number, low=0.0, high=8192.0, open_low=True, open_high=False),
+    "stall_timeout": partial(number, low=0.0, high=1e7, open_low=True, open_high=False),
     **{f: HYPERPARAMETER_CHECKS[h] for f, h in FLAG_TO_HYPERPARAMETER.items()},
     "val_crop_ratio": fraction,
     "min_crop_scale": fraction,
@@ -107,9 +120,22 @@ def _flag_name(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def check_flags(values: dict) -> None:
-    """Every value and combination of the resolved flags; SettingError names the flag."""
-    from lars.factory import OPTIMIZER_SPECS
+def _named(dest: str, values: dict, defaulted=frozenset()) -> str:
+    """'--epochs 1' for a value the user gave, 'the default --epochs 90' for one they did not."""
+    value = values[dest]
+    shown = (
+        f"{_flag_name(dest)} {value:g}"
+        if isinstance(value, float)
+        else f"{_flag_name(dest)} {value}"
+    )
+    return f"the default {shown}" if dest in defaulted else shown
+
+
+def check_flags(values: dict, defaulted=frozenset()) -> None:
+    """Every value and combination of the resolved flags; SettingError names the flag.
+
+    `defaulted` holds the flags whose value is a default the user did not choose: a conflict
+    involving one names it as a default, with the flag that changes it."""
     from lars.models import available_models
 
     for dest, check in FLAG_CHECKS.items():
@@ -118,21 +144,10 @@ def check_flags(values: dict) -> None:
                 check(_flag_name(dest), values[dest])
             except ValueError as error:
                 raise SettingError(str(error)) from None
-    spec = OPTIMIZER_SPECS[values["base_op"]]
-    if spec.schedules and values["schedule"] not in spec.schedules:
-        raise SettingError(
-            f"--base-op {spec.name} takes no --schedule {values['schedule']}: phi is its "
-            "schedule (use --schedule none)"
-        )
-    if values["schedule"] == "none" and values["warmup_epochs"] > 0:
-        raise SettingError(
-            "--schedule none has no warm-up: use --schedule constant with "
-            f"--warmup-epochs {values['warmup_epochs']}, or --warmup-epochs 0"
-        )
-    if values["warmup_epochs"] > values["epochs"]:
-        raise SettingError(
-            f"--warmup-epochs {values['warmup_epochs']} is longer than --epochs {values['epochs']}"
-        )
+    _check_schedule(values, defaulted)
+    _check_optimizer(values)
+    _check_adasum(values, defaulted)
+    _check_modes(values)
     if values["model"] not in available_models():
         raise SettingError(
             f"--model {values['model']!r} is not a torchvision classification model nor "
@@ -141,9 +156,116 @@ def check_flags(values: dict) -> None:
     _check_paths(values)
 
 
+def _check_schedule(values: dict, defaulted) -> None:
+    from lars.factory import OPTIMIZER_SPECS
+
+    spec = OPTIMIZER_SPECS[values["base_op"]]
+    if spec.schedules and values["schedule"] not in spec.schedules:
+        raise SettingError(
+            f"--base-op {spec.name} takes no --schedule {values['schedule']}: phi is its "
+            "schedule (use --schedule none)"
+        )
+    warmup, epochs = _named("warmup_epochs", values, defaulted), _named("epochs", values, defaulted)
+    if values["schedule"] == "none" and values["warmup_epochs"] > 0:
+        schedule = _named("schedule", values, defaulted)
+        raise SettingError(
+            f"{schedule} has no warm-up, but {warmup} asks for one: add --warmup-epochs 0, "
+            "or use --schedule constant"
+        )
+    if values["warmup_epochs"] > values["epochs"]:
+        fix = "--warmup-epochs" if "warmup_epochs" in defaulted else "--epochs"
+        raise SettingError(f"{warmup} is longer than {epochs}: set {fix} to fit")
+    delay = values.get("tv_delay_epochs")
+    if values["base_op"] == "tvlars" and delay is not None and delay > values["epochs"]:
+        raise SettingError(
+            f"--tv-delay-epochs {delay:g} is longer than {epochs}: phi would not start to "
+            "decay within the run"
+        )
+
+
+def _check_optimizer(values: dict) -> None:
+    from lars.factory import OPTIMIZER_SPECS
+
+    spec, variant = OPTIMIZER_SPECS[values["base_op"]], values.get("optimizer_variant")
+    variants = spec.variants
+    if variant is not None and not variants:
+        with_variants = ", ".join(s.name for s in OPTIMIZER_SPECS.values() if s.variants)
+        raise SettingError(
+            f"--optimizer-variant {variant}: --base-op {spec.name} has no variants "
+            f"(only {with_variants} do)"
+        )
+    if variant is not None and variant not in variants:
+        raise SettingError(
+            f"--optimizer-variant {variant!r} is not a variant of {spec.name}: "
+            f"{variants[0]} (the default), {', '.join(variants[1:])}"
+        )
+
+
+# Horovod's Adasum optimizer makes each parameter's update inside the backward pass (its hook
+# runs the local optimizer step, then reduces the update), so nothing can come between the
+# gradient and the update.
+_ADASUM_WHY = "Horovod's Adasum applies each update inside the backward pass"
+
+
+def _check_adasum(values: dict, defaulted) -> None:
+    if not values["use_adasum"]:
+        return
+    if values["backend"] == "torch":
+        raise SettingError("--use-adasum needs --backend horovod (or auto with Horovod installed)")
+    if values["clip_grad_norm"] is not None:
+        raise SettingError(
+            f"--use-adasum with --clip-grad-norm: {_ADASUM_WHY}, before the gradients could "
+            "be clipped; drop one of them"
+        )
+    if values["amp"] == "fp16":
+        raise SettingError(
+            f"--use-adasum with --amp fp16: {_ADASUM_WHY}, before the gradients are "
+            "unscaled; use --amp bf16 or --amp none"
+        )
+    if values["nonfinite"] == "skip":
+        raise SettingError(
+            f"--use-adasum with {_named('nonfinite', values, defaulted)}: {_ADASUM_WHY}, so a "
+            "non-finite step cannot be skipped; add --nonfinite abort"
+        )
+    if values["max_nonfinite"] != 1:
+        raise SettingError(
+            f"--use-adasum with --max-nonfinite {values['max_nonfinite']}: {_ADASUM_WHY}, so "
+            "the first non-finite step must stop the run; drop --max-nonfinite"
+        )
+
+
+def _check_modes(values: dict) -> None:
+    if values.get("train_images") is not None and not values["dry_run"]:
+        raise SettingError(
+            "--train-images sizes a --dry-run's plan; a run counts its training set itself"
+        )
+    if values["evaluate"] and values["dry_run"]:
+        raise SettingError("--evaluate and --dry-run: choose one")
+    if values["evaluate"] and values["resume"] == "none":
+        raise SettingError(
+            "--evaluate scores a checkpoint: --resume auto (the newest in --log-dir) or a path, "
+            "not none"
+        )
+    if values["dataset"] == "imagenet" and values["train_dir"] is None and not values["dry_run"]:
+        raise SettingError(
+            "--dataset imagenet needs --train-dir and --val-dir (ImageFolder trees of "
+            "ImageNet-1k; only a --dry-run plans without them)"
+        )
+
+
+FOLDER_DATASETS = (None, "imagefolder", "imagenet")  # ImageFolder trees: --train-dir, --val-dir
+
+
+def _without_data(values: dict) -> bool:
+    """A dry run sized by --train-images (or ImageNet's known size) reads no data folder."""
+    return bool(values["dry_run"]) and (
+        values.get("train_images") is not None or values["dataset"] == "imagenet"
+    )
+
+
 def check_data_flags(values: dict) -> None:
     """Which data flags go together; run before the dataset's defaults are chosen."""
-    archive = values["dataset"] not in (None, "imagefolder")
+    archive = values["dataset"] not in FOLDER_DATASETS
     train_dir, val_dir, data_dir = values["train_dir"], values["val_dir"], values["data_dir"]
     if archive and (train_dir or val_dir):
         raise SettingError(
@@ -153,7 +275,7 @@ def check_data_flags(values: dict) -> None:
         raise SettingError(
             f"--dataset {values['dataset']} needs --data-dir (the folder holding its archive)"
         )
-    if archive and not os.path.isdir(data_dir):
+    if archive and not os.path.isdir(data_dir) and not _without_data(values):
         raise SettingError(f"--data-dir {data_dir!r} is not a directory")
     if not archive and data_dir:
         raise SettingError(
@@ -167,12 +289,49 @@ def check_data_flags(values: dict) -> None:
 
 
 def _check_paths(values: dict) -> None:
-    if values["dataset"] == "imagefolder":
+    if values["dataset"] in FOLDER_DATASETS and not _without_data(values):
         for dest in ("train_dir", "val_dir"):
-            if not os.path.isdir(values[dest]):
+            if values[dest] is not None and not os.path.isdir(values[dest]):
                 raise SettingError(f"{_flag_name(dest)} {values[dest]!r} is not a directory")
     log_dir = values["log_dir"]
-    if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise SettingError(f"--log-dir {log_dir!r} exists and is not a directory")
+    if log_dir is not None:
+        _check_folder_to_be(log_dir)
     if values["resume"] not in ("auto", "none") and not os.path.isfile(values["resume"]):
         raise SettingError(f"--resume {values['resume']!r}: no such checkpoint file")
+
+
+def _check_folder_to_be(log_dir: str) -> None:
+    """--log-dir is a folder, or can become one: its nearest existing ancestor is a folder."""
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise SettingError(f"--log-dir {log_dir!r} exists and is not a directory")
+    ancestor = os.path.dirname(os.path.abspath(log_dir))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise SettingError(f"--log-dir {log_dir!r}: {ancestor!r} is a file, not a directory")
+
+
+def allowed_changes(text: str | None) -> tuple[str, ...]:
+    """--allow-change's flag names as settings names (`base-lr`, `--base-lr`, `base_lr`)."""
+    from lars.fingerprint import FIXED_SETTINGS, NOT_TRAJECTORY
+    from lars.settings import GROUPS
+
+    if not text:
+        return ()
+    known = {name for names in GROUPS.values() for name in names.split()} - NOT_TRAJECTORY
+    names = []
+    for item in text.split(","):
+        dest = item.strip().lstrip("-").replace("-", "_")
+        if dest in FIXED_SETTINGS:
+            raise SettingError(
+                f"--allow-change {item.strip()}: {_flag_name(dest)} cannot change in the middle "
+                f"of a run ({FIXED_SETTINGS[dest]}); start a new run (--resume none or "
+                "another --log-dir)"
+            )
+        if dest not in known:
+            raise SettingError(
+                f"--allow-change: unknown setting {item.strip()!r} (name the flags whose new "
+                "values should apply, e.g. --allow-change epochs,base-lr)"
+            )
+        names.append(dest)
+    return tuple(dict.fromkeys(names))

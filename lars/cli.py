@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
 
             dry_run(settings)
             return 0
+        if settings.run.evaluate:
+            from lars.evaluation import evaluate_checkpoint
+
+            evaluate_checkpoint(settings)
+            return 0
         from lars.train import run  # heavy imports only once the flags are good
 
         run(settings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lars.checks import check_data_flags, check_flags
+from lars.checks import allowed_changes, check_data_flags, check_flags
 from lars.errors import SettingError
 from lars.factory import OPTIMIZER_SPECS, OPTIMIZERS
 from lars.schedules import SCHEDULES
@@ -56,7 +56,7 @@ SMALL_IMAGE_DEFAULTS = dict(
     val_crop_ratio=1.0,
 )
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
-DATASETS = ("imagefolder", "cifar10", "cifar100", "tinyimagenet")
+DATASETS = ("imagefolder", "imagenet", "cifar10", "cifar100", "tinyimagenet")
 DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")  # lars.data.loaders.BACKENDS
 _BASE_LR_HELP = ", ".join(f"{s.name} {s.base_lr:g}" for s in OPTIMIZER_SPECS.values())
 
@@ -67,8 +67,9 @@ def _data_flags(d) -> None:
     d.add_argument(
         "--dataset",
         choices=DATASETS,
-        help="imagefolder (--train-dir/--val-dir), or cifar10, cifar100, tinyimagenet "
-        "read from their archives in --data-dir (default: imagefolder)",
+        help="imagefolder (--train-dir/--val-dir); imagenet: ImageFolder trees of ImageNet-1k "
+        "(a --dry-run needs none: 1,281,167 training images, 1,000 classes); or cifar10, "
+        "cifar100, tinyimagenet read from their archives in --data-dir (default: imagefolder)",
     )
     d.add_argument(
         "--data-dir",
@@ -113,6 +114,13 @@ def _data_flags(d) -> None:
         "synthetic (random tensors) (default: pytorch)",
     )
     d.add_argument(
+        "--train-images",
+        type=int,
+        metavar="N",
+        help="with --dry-run: plan for a training set of N images without reading it "
+        "(the data folders need not exist)",
+    )
+    d.add_argument(
         "--workers",
         type=int,
         help="data-loading processes per rank (default: CPU cores per rank - 1)",
@@ -153,6 +161,12 @@ def _optimizer_flags(o) -> None:
         help="optimizer (default: lars)",
     )
     o.add_argument(
+        "--optimizer-variant",
+        metavar="NAME",
+        help="a published form of the optimizer's update: lars you2017|nus|barlowtwins, "
+        "tvlars paper|authors, lamb you2020|nus|authors (default: the first, the paper's)",
+    )
+    o.add_argument(
         "--base-lr",
         type=float,
         help=f"learning rate for the reference batch ({_BASE_LR_HELP})",
@@ -173,21 +187,38 @@ def _optimizer_flags(o) -> None:
     o.add_argument("--wd", type=float, default=5e-5, help="weight decay (default: 5e-5)")
     o.add_argument(
         "--bn-bias-separately",
-        action="store_true",
-        help="no weight decay and no layer adaptation for biases and normalisation",
+        action=argparse.BooleanOptionalAction,
+        help="no weight decay and no layer adaptation for biases, normalisation parameters "
+        "and other vectors (default: on for lars, tvlars and lamb, as their papers "
+        "recommend; off for the others; --no-bn-bias-separately: one group)",
     )
     o.add_argument(
         "--trust-coefficient", type=float, default=0.001, help="LARS/TVLARS eta (default: 0.001)"
     )
+    _tvlars_flags(o)
+
+
+def _tvlars_flags(o) -> None:
+    """TVLARS's phi(t) = 1 / (alpha + exp(lmbda (t - d_e))) + gamma_min (lars.plan resolves
+    the defaults of lmbda and d_e from the run's length)."""
     o.add_argument(
         "--lmbda",
         type=float,
-        default=0.001,
-        help="TVLARS decay coefficient lambda, per optimizer step (default: 0.001)",
+        help="TVLARS decay coefficient lambda, per optimizer step (default: from the run's "
+        "length, see --tv-delay-epochs; 0.001, the authors' value, when only "
+        "--tv-delay-epochs is given)",
     )
-    o.add_argument("--tv-alpha", type=float, default=1.0, help="TVLARS alpha (default: 1.0)")
     o.add_argument(
-        "--tv-delay-epochs", type=float, default=0.0, help="TVLARS delay d_e, epochs (default: 0)"
+        "--tv-alpha",
+        type=float,
+        help="TVLARS alpha (default: the variant's, 1 for paper, 0.1 for authors)",
+    )
+    o.add_argument(
+        "--tv-delay-epochs",
+        type=float,
+        help="TVLARS delay d_e, epochs: phi(d_e) = 1 / (alpha + 1) (default, with --lmbda "
+        "unset too: phi >= 0.99 for the first 10%% of the steps, 0.5 at 55%%, 0.01 at the "
+        "end, at any batch size and length; 0 when only --lmbda is given)",
     )
     o.add_argument(
         "--tv-min-scale",
@@ -275,8 +306,9 @@ def _run_flags(r) -> None:
     r.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     r.add_argument(
         "--log-dir",
-        help="TensorBoard, config and checkpoint folder "
-        "(default: runs/<dataset>-<model>-<optimizer>-gb<global batch>)",
+        help="TensorBoard, config and checkpoint folder (default: runs/<dataset>-<model>-"
+        "<optimizer>-gb<global batch>-<fingerprint>, the fingerprint's first 8 hex digits: "
+        "each set of settings gets its own folder)",
     )
     r.add_argument(
         "--log-interval",
@@ -294,7 +326,23 @@ def _run_flags(r) -> None:
     r.add_argument(
         "--resume",
         default="auto",
-        help="auto (newest checkpoint in --log-dir), none, or a checkpoint path",
+        help="auto (newest checkpoint in --log-dir), none, or a checkpoint path; a checkpoint "
+        "made with other settings is refused, naming them (see --allow-change)",
+    )
+    r.add_argument(
+        "--allow-change",
+        metavar="SETTING[,SETTING...]",
+        help="settings that may differ from the checkpoint's when resuming, as flag names "
+        "(e.g. epochs,base-lr): the new values apply from the resumed step (a longer "
+        "--epochs re-plans the schedule) and the change is recorded with its step in "
+        "config.json and TensorBoard",
+    )
+    r.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="score the checkpoint --resume names (auto: the newest in --log-dir) on the "
+        "validation set, on any number of ranks, write evaluation-<step>.json to --log-dir "
+        "and train nothing",
     )
     r.add_argument(
         "--keep-checkpoints", type=int, default=3, help="checkpoints kept in --log-dir (default: 3)"
@@ -316,7 +364,6 @@ def _fault_tolerance_flags(f) -> None:
     f.add_argument(
         "--nonfinite",
         choices=("skip", "abort"),
-        default="skip",
         help="on a non-finite gradient: skip the step (count it) or abort with a "
         "checkpoint of the last good state (default: skip)",
     )
@@ -360,13 +407,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _dataset_defaults(values: dict) -> dict:
     """Sets values["dataset"] to what the data flags mean; returns that dataset's defaults."""
-    if values["synthetic"]:
+    if values["synthetic"] or values["data_backend"] == "synthetic":
+        # --synthetic is the alias of --data-backend synthetic: one setting, one fingerprint.
+        values["synthetic"], values["data_backend"] = True, "synthetic"
         values["dataset"] = "synthetic"
     elif values["dataset"] in (None, "imagefolder"):
         values["dataset"] = "sample" if values["train_dir"] is None else "imagefolder"
-    else:
+    elif values["dataset"] != "imagenet":
         return {**SMALL_IMAGE_DEFAULTS, "image_size": NATIVE_IMAGE_SIZE[values["dataset"]]}
     return SAMPLE_DEFAULTS if values["dataset"] == "sample" else IMAGENET_DEFAULTS
+
+
+def _optimizer_defaults(spec, values: dict) -> dict:
+    """The optimizer record's defaults: its rate, schedule, split and variant (whose own
+    defaults, e.g. TVLARS's alpha, the settings then hold as values)."""
+    defaults = {
+        "base_lr": spec.base_lr,
+        "schedule": spec.schedule,
+        "lr_power": spec.lr_power,
+        "bn_bias_separately": spec.bn_bias_separately,
+    }
+    if spec.warmup_epochs is not None:
+        defaults["warmup_epochs"] = spec.warmup_epochs
+    if spec.variants:
+        variant = values["optimizer_variant"] or spec.variants[0]
+        defaults["optimizer_variant"] = spec.variants[0]
+        if "alpha" in spec.hyperparameters:
+            table = getattr(spec.load(), "VARIANT_DEFAULTS", {})
+            defaults["tv_alpha"] = table.get(variant, {}).get("alpha", 1.0)
+    return defaults
 
 
 def resolve(flags: dict) -> dict:
@@ -374,7 +443,8 @@ def resolve(flags: dict) -> dict:
 
     Order of precedence: command line > --config file > the optimizer's record > the dataset's
     defaults. Defaults that depend on the machine (CUDA, the ranks on this node) are read from
-    the launch environment, before any runtime starts.
+    the launch environment, before any runtime starts. A check that trips over a value the
+    user did not give names it as a default (`defaulted`).
     """
     import torch
 
@@ -388,22 +458,19 @@ def resolve(flags: dict) -> dict:
     spec = OPTIMIZER_SPECS[values["base_op"]]
     defaults = {
         **_dataset_defaults(values),
-        "base_lr": spec.base_lr,
-        "schedule": spec.schedule,
-        "lr_power": spec.lr_power,
+        **_optimizer_defaults(spec, values),
         "channels_last": torch.cuda.is_available() and not values["no_cuda"],
+        "nonfinite": "skip",
         "max_nonfinite": 1 if values["nonfinite"] == "abort" else 20,
         "workers": default_workers_per_rank(launched_local_size()),
     }
-    if spec.warmup_epochs is not None:
-        defaults["warmup_epochs"] = spec.warmup_epochs
-    for key, value in defaults.items():
-        if values[key] is None:
-            values[key] = value
+    defaulted = frozenset(key for key, value in defaults.items() if values[key] is None)
+    values.update({key: defaults[key] for key in defaulted})
+    values["allow_change"] = allowed_changes(values["allow_change"])
     if values["dataset"] == "sample":  # built on first use (lars.build.build_datasets)
         root = default_sample_dir()
         values["train_dir"], values["val_dir"] = str(root / "train"), str(root / "val")
-    check_flags(values)
+    check_flags(values, defaulted)
     if values["log_dir"] is None:
         ranks = (values["ranks"] if values["dry_run"] else None) or launched_size()
         values["log_dir"] = default_log_dir(Settings.from_flat(values), ranks)

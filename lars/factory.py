@@ -72,19 +72,31 @@ class OptimizerSpec:
     schedules: tuple[str, ...] = ()  # the schedules it accepts (empty: every one)
     renames: Mapping[str, str] = field(default_factory=dict)  # factory key -> argument name
     check: Callable[[dict], None] | None = None  # checks across its arguments
+    # --bn-bias-separately when not given: the LARS family's papers and reference code exclude
+    # biases and normalisation parameters from weight decay and layer adaptation.
+    bn_bias_separately: bool = False
 
     @property
     def flags(self) -> tuple[str, ...]:
         """The optimizer flags (argparse dests) this optimizer uses."""
         return tuple(f for f, key in FLAG_TO_HYPERPARAMETER.items() if key in self.hyperparameters)
 
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """Its published variants, the default first (`VARIANTS` of the class; none: ())."""
+        if "variant" not in self.hyperparameters:
+            return ()
+        return tuple(self.load().VARIANTS)
 
-_LARS_KEYS = ("lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov")
+
+_LARS_KEYS = ("lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov", "variant")
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 # Layer-wise adaptive optimizers take rates two orders larger than SGD because
 # eta x ||w|| / ||g|| scales them down; power 2 is the LARS paper's polynomial decay.
 _SPECS = (
-    OptimizerSpec("lars", _lars_class("LARS"), _LARS_KEYS, 2.0, lr_power=2.0),
+    OptimizerSpec(
+        "lars", _lars_class("LARS"), _LARS_KEYS, 2.0, lr_power=2.0, bn_bias_separately=True
+    ),
     OptimizerSpec(
         "tvlars",
         _lars_class("TVLARS"),
@@ -94,8 +106,15 @@ _SPECS = (
         lr_power=2.0,
         warmup_epochs=0.0,  # its early phase is plain LARS: no warm-up needed
         schedules=("none", "constant"),
+        bn_bias_separately=True,
     ),
-    OptimizerSpec("lamb", _lars_class("LAMB"), ("lr", "betas", "eps", "weight_decay"), 0.01),
+    OptimizerSpec(
+        "lamb",
+        _lars_class("LAMB"),
+        ("lr", "betas", "eps", "weight_decay", "variant"),
+        0.01,
+        bn_bias_separately=True,
+    ),
     OptimizerSpec(
         "sgd",
         lambda: torch.optim.SGD,

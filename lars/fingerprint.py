@@ -39,6 +39,7 @@ __all__ = [
     "fingerprint",
     "format_differences",
     "format_value",
+    "run_identity",
     "refused_changes",
     "short_fingerprint",
     "trajectory_settings",
@@ -81,6 +82,7 @@ NOT_TRAJECTORY = frozenset(
         "evaluate",
         "ranks",
         "allow_change",
+        "train_images",  # sizes a --dry-run's plan only
         # how a run was launched: the geometry that shapes the trajectory is the global batch
         # and the per-rank micro-batch (BatchNorm's batch), both kept; ranks x accumulation
         # that give the same two are the same run (1 x 8 x 4 and 2 x 8 x 2 reach the same
@@ -98,8 +100,13 @@ FIXED_SETTINGS = {
     "optimizer_variant": "the optimizer state belongs to the old variant",
     "bn_bias_separately": "the optimizer's parameter groups would differ",
     "global_batch_size": "the position in the epoch and the step counts would not carry over",
-    "train_images": "the position in the epoch belongs to the old training set",
 }
+
+
+def run_identity(settings: Mapping, global_batch_size: int) -> dict[str, Any]:
+    """What a run's fingerprint is taken over: its settings (flat or nested) and the global
+    batch, which the settings alone do not fix (it depends on the number of ranks)."""
+    return {**settings, "global_batch_size": global_batch_size}
 
 
 def _flatten(settings: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -9,6 +9,7 @@ for another geometry between two steps (a batch that grows during the run).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 
@@ -49,7 +50,8 @@ class RunPlan(BatchGeometry):
     max_steps: int | None
     lr: float  # the peak rate, scaled for the global batch
     warmup_steps: int
-    tv_delay_steps: int
+    tv_lmbda: float  # TVLARS's lambda, per step (see tvlars_phi_parameters)
+    tv_delay_steps: float  # TVLARS's d_e, in optimizer steps
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -106,24 +108,80 @@ def plan_run(
         max_steps=sched.max_steps,
         lr=0.0,
         warmup_steps=0,
-        tv_delay_steps=0,
+        tv_lmbda=0.0,
+        tv_delay_steps=0.0,
     )
     steps, batch = plan.steps_per_epoch, plan.global_batch_size
     if steps == 0:
         raise SettingError(
             f"the global batch ({plan.micro_batch} x {world_size} ranks x "
             f"{plan.batches_per_allreduce} = {batch}) is larger than the training set "
-            f"({train_images} images): lower --batch-size or --batches-per-allreduce"
+            f"({train_images} images): lower --batch-size or --batches-per-allreduce, or "
+            "use fewer ranks (--ranks, in a dry run)"
         )
+    lmbda, delay = (
+        tvlars_phi_parameters(opt.lmbda, opt.tv_delay_epochs, opt.tv_alpha, steps, plan.total_steps)
+        if opt.tv_alpha is not None  # None: an optimizer without phi
+        else (0.0, 0.0)
+    )
     return replace(
         plan,
         lr=scale_lr(opt.base_lr, batch, opt.lr_reference_batch, opt.lr_scaling),
         warmup_steps=epochs_to_steps(sched.warmup_epochs, steps),
-        tv_delay_steps=epochs_to_steps(opt.tv_delay_epochs, steps),
+        tv_lmbda=lmbda,
+        tv_delay_steps=delay,
     )
 
 
+TV_HOLD_FRACTION = 0.1  # the default TVLARS run holds phi >= 0.99 / alpha for this part
+TV_HOLD_LEVEL = 0.99  # ... and ends at (1 - TV_HOLD_LEVEL) / alpha
+PAPER_LMBDA = 0.001  # the authors' default lambda, per step (github.com/KhoiDOO/tvlars)
+
+
+def tvlars_phi_parameters(
+    lmbda: float | None, delay_epochs: float | None, alpha: float, steps_per_epoch: int, total: int
+) -> tuple[float, float]:
+    """(lambda per step, d_e in steps) of TVLARS's phi(t) = 1 / (alpha + exp(lambda (t - d_e)))
+    + gamma_min (Do et al. 2023, arXiv:2309.14053, eq. 4-5).
+
+    Given either, the other takes the authors' default (lambda 0.001 per step, d_e 0), so the
+    paper's exact per-step values stay available. Given neither, both follow the run's length T:
+    with H = max(1, round(0.1 T)) hold steps, phi(H) = 0.99 / alpha and phi(T) = 0.01 / alpha
+    (each + gamma_min), i.e.
+
+        lambda = 2 ln 99 / max(T - H, 1),      d_e = H + ln(99 / alpha) / lambda,
+
+    so phi(1) >= 0.99 / alpha (plain LARS at the full rate when alpha = 1), holds there for the
+    first 10% of the steps, is 0.5 / alpha at (H + T) / 2 and 0.01 / alpha at the end, at any
+    batch size and run length. (With alpha = 1, lambda 0.001 and d_e = 0, phi(1) = 0.4998, and
+    at global batch 1024 on ImageNet phi is 0.0019 after 5 epochs: the run stalls.)
+    """
+    if lmbda is not None or delay_epochs is not None:
+        delay = (
+            0.0 if delay_epochs is None else float(epochs_to_steps(delay_epochs, steps_per_epoch))
+        )
+        return (PAPER_LMBDA if lmbda is None else lmbda), delay
+    hold = max(1, round(TV_HOLD_FRACTION * total))
+    ratio = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)  # 99
+    auto_lmbda = 2.0 * math.log(ratio) / max(total - hold, 1)
+    # d_e >= 0 (the optimizer's range): for alpha > 99 the hold would need a negative delay.
+    return auto_lmbda, max(0.0, hold + math.log(ratio / alpha) / auto_lmbda)
+
+
+def tvlars_hold_end(lmbda: float, delay_steps: float, alpha: float) -> float:
+    """The step t at which phi falls to 0.99 of its plateau 1 / alpha (gamma_min aside):
+    1 / (alpha + exp(lambda (t - d_e))) = 0.99 / alpha; inf when lambda is 0 (no decay)."""
+    if lmbda <= 0:
+        return math.inf
+    ratio = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)
+    return delay_steps - math.log(ratio / alpha) / lmbda
+
+
 def default_log_dir(settings, world_size: int) -> str:
-    """runs/<dataset>-<model>-<optimizer>-gb<global batch>: the same command resumes itself."""
+    """runs/<dataset>-<model>-<optimizer>-gb<global batch>-<short fingerprint>: the same
+    command resumes itself, and two sets of settings never share a folder."""
+    from lars.fingerprint import run_identity, short_fingerprint
+
     s, batch = settings, batch_geometry(settings, world_size).global_batch_size
-    return os.path.join("runs", f"{s.data.dataset}-{s.model.model}-{s.optimizer.base_op}-gb{batch}")
+    name = f"{s.data.dataset}-{s.model.model}-{s.optimizer.base_op}-gb{batch}"
+    return os.path.join("runs", f"{name}-{short_fingerprint(run_identity(s.flat(), batch))}")

@@ -103,6 +103,10 @@ class Reporter:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def save_config(self, config: dict) -> None:
         if not self.enabled:
             return

@@ -12,16 +12,17 @@ from dataclasses import asdict, dataclass, fields, make_dataclass
 
 GROUPS = {
     "data": "dataset train_dir val_dir data_dir synthetic image_size min_crop_scale hflip "
-    "val_crop_ratio fast_jpeg data_backend workers strict_data",
+    "val_crop_ratio fast_jpeg data_backend workers strict_data train_images",
     "model": "model label_smoothing amp channels_last compile",
     # batches_per_allreduce and batch_size are read by lars.plan.plan_run only
     "batch": "batch_size val_batch_size batches_per_allreduce ranks",
-    "optimizer": "base_op base_lr lr_scaling lr_reference_batch momentum wd bn_bias_separately "
-    "trust_coefficient lmbda tv_alpha tv_delay_epochs tv_min_scale clip_grad_norm",
+    "optimizer": "base_op optimizer_variant base_lr lr_scaling lr_reference_batch momentum wd "
+    "bn_bias_separately trust_coefficient lmbda tv_alpha tv_delay_epochs tv_min_scale "
+    "clip_grad_norm",
     "schedule": "epochs max_steps schedule warmup_epochs lr_power end_lr",
     "hardware": "backend fp16_allreduce use_adasum no_cuda threads stall_timeout",
     "run": "seed log_dir log_interval progress resume keep_checkpoints checkpoint_every_steps "
-    "deterministic nonfinite max_nonfinite dry_run config",
+    "deterministic nonfinite max_nonfinite dry_run config allow_change evaluate",
 }
 GROUP_CLASSES = {
     group: make_dataclass(f"{group.title()}Settings", names.split(), frozen=True)

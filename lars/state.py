@@ -7,7 +7,7 @@ hold it under "final"; they still load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lars.errors import ResumeError
 
@@ -19,6 +19,10 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0  # not saved: a resumed run starts a new streak
     last_validation: dict | None = None  # {"epoch", "step", "loss", "top1", "top5", "samples"}
+    # Settings changed mid-run with --allow-change: [{"step", "setting", "old", "new"}], oldest
+    # first; `changed_now` holds this start's, to report (not saved twice).
+    changes: list = field(default_factory=list)
+    changed_now: list = field(default_factory=list, compare=False)
 
     def step_in_epoch(self, plan) -> int:
         return self.step - self.epoch * plan.steps_per_epoch
@@ -31,6 +35,7 @@ class TrainState:
             "global_batch_size": plan.global_batch_size,
             "last_validation": self.last_validation,
             "nonfinite_steps": self.nonfinite_total,
+            "changes": list(self.changes),
         }
 
     @classmethod
@@ -47,4 +52,5 @@ class TrainState:
             step=payload["global_step"],
             nonfinite_total=payload.get("nonfinite_steps", 0),
             last_validation=payload.get("last_validation", payload.get("final")),
+            changes=list(payload.get("changes", [])),
         )

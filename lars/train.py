@@ -29,22 +29,19 @@ from lars.build import (
     build_scaler,
     build_scheduler,
     build_step_context,
+    describe_split,
 )
-from lars.checkpoint import (
-    find_resume_checkpoint,
-    load_checkpoint,
-    rng_states,
-    save_checkpoint,
-    set_rng_states,
-)
+from lars.checkpoint import rng_states, save_checkpoint
 from lars.data.loaders import Loaders
 from lars.distributed import init_distributed, launched_rank
-from lars.errors import DataError, NonFiniteAbort, Preempted, ResumeError
+from lars.errors import DataError, NonFiniteAbort, Preempted
 from lars.faults import REQUEUE_EXIT_STATUS, StopAgreement, Watchdog, params_are_finite
-from lars.metrics import TrainMeter, evaluate
+from lars.fingerprint import fingerprint, format_value
+from lars.metrics import TrainMeter, average_batchnorm_statistics, evaluate
 from lars.param_groups import param_group_summary
 from lars.plan import RunPlan, plan_run
 from lars.reporting import Reporter, format_duration, versions
+from lars.resume import identity, resume, setting_name
 from lars.settings import Settings
 from lars.signals import install_preemption_handler
 from lars.state import TrainState
@@ -82,7 +79,7 @@ def run(settings: Settings) -> dict | None:
         parts.dist.shutdown()
 
 
-def _configure_torch(settings: Settings, dist, cuda: bool) -> torch.device:
+def configure_torch(settings: Settings, dist, cuda: bool) -> torch.device:
     hw, deterministic = settings.hardware, settings.run.deterministic
     torch.set_num_threads(hw.threads or max(1, (os.cpu_count() or 1) // dist.local_size))
     if cuda:
@@ -102,7 +99,7 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     # The data is checked before the distributed runtime starts: bad input costs nothing.
     found = build_datasets(settings, quiet=launched_rank() != 0)
     dist = init_distributed(hw.backend, cuda, hw.stall_timeout, hw.fp16_allreduce, hw.use_adasum)
-    device = _configure_torch(settings, dist, cuda)
+    device = configure_torch(settings, dist, cuda)
     data = build_loaders(settings, dist, cuda, found)
     plan = plan_run(settings, dist.size, data.train_size, data.val_size)
     model = build_model(settings, data.num_classes, device)
@@ -131,35 +128,10 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
 
 
 # --------------------------------------------------------------------------------- checkpoints
-def resume(settings, dist, plan, model, optimizer, scheduler, scaler) -> TrainState:
-    """Rank 0 chooses the checkpoint and broadcasts its contents; every rank loads them."""
-    choice, payload = settings.run.resume, None
-    if dist.rank == 0 and choice != "none":
-        if choice == "auto":
-            found = find_resume_checkpoint(settings.run.log_dir)
-            payload = found[1] if found else None
-        else:
-            try:
-                payload = load_checkpoint(choice)
-            except ValueError as error:
-                payload = {"error": str(error)}
-    payload = dist.broadcast_object(payload)
-    if payload is None:
-        return TrainState()
-    if "error" in payload:
-        raise ResumeError(f"--resume: {payload['error']}")
-    state = TrainState.from_payload(payload, plan)
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload.get("scaler"):
-        scaler.load_state_dict(payload["scaler"])
-    set_rng_states(payload["rng"])
-    return state
-
-
 def save(parts: Parts, state: TrainState) -> None:
-    """Rank 0 writes a checkpoint of the current state; never one holding NaN or inf."""
+    """Rank 0 writes a checkpoint of the current state; never one holding NaN or inf.
+    Collective: every rank calls it (the BatchNorm statistics saved are the ranks' mean)."""
+    average_batchnorm_statistics(parts.model, parts.dist)
     if parts.dist.rank != 0:
         return
     if not params_are_finite(parts.model):
@@ -174,6 +146,7 @@ def save(parts: Parts, state: TrainState) -> None:
         "scaler": step.scaler.state_dict() if step.scaler is not None else None,
         "rng": rng_states(),
         "config": {k: v for k, v in parts.settings.flat().items() if isinstance(v, scalars)},
+        "fingerprint": fingerprint(identity(parts.settings, parts.plan)),
     }
     run = parts.settings.run
     save_checkpoint(payload, run.log_dir, state.step, run.keep_checkpoints)
@@ -181,10 +154,12 @@ def save(parts: Parts, state: TrainState) -> None:
 
 
 # --------------------------------------------------------------------------------- reporting
-def run_config(parts: Parts) -> dict:
+def run_config(parts: Parts, state: TrainState) -> dict:
     """What config.json holds."""
     return {
         "args": parts.settings.flat(),
+        "fingerprint": fingerprint(identity(parts.settings, parts.plan)),
+        "changes": state.changes,
         "plan": parts.plan.to_dict(),
         "backend": parts.dist.name,
         "device": str(parts.device),
@@ -207,12 +182,20 @@ def describe(parts: Parts, state: TrainState) -> None:
         f"of {s.optimizer.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
         f"steps, {plan.warmup_steps} warm-up steps, schedule {s.schedule.schedule}"
     )
+    r.print(f"parameter groups: {describe_split(s)}")
     r.print(param_group_summary(parts.model, parts.groups))
     if state.step:
         r.print(
             f"resumed at step {state.step} (epoch {state.epoch + 1}, step "
             f"{state.step_in_epoch(plan)} of it)"
         )
+    if state.changed_now:
+        line = ", ".join(
+            f"{setting_name(c['setting'])} {format_value(c['old'])} -> {format_value(c['new'])}"
+            for c in state.changed_now
+        )
+        r.print(f"changed with --allow-change: {line} at step {state.step}")
+        r.text("run/changes", f"step {state.step}: {line}", state.step)
 
 
 def _eta(parts: Parts, state: TrainState, steps_per_second: float) -> float:
@@ -266,7 +249,9 @@ def check_strict_data(parts: Parts, paths: list[str]) -> None:
 
 # --------------------------------------------------------------------------------- the loop
 def validate(parts: Parts, state: TrainState) -> dict[str, float]:
-    """Whole-set validation metrics of the current model, logged at the current step."""
+    """Whole-set validation metrics of the current model, logged at the current step. Every
+    rank scores with the same BatchNorm statistics, the ranks' mean (which a checkpoint saves)."""
+    average_batchnorm_statistics(parts.model, parts.dist)
     metrics = evaluate(
         parts.model,
         parts.data.val,
@@ -378,7 +363,7 @@ def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=
     """Train from `state` to the plan's last step; the last validation's metrics."""
     plan, reporter, settings = parts.plan, parts.reporter, parts.settings
     describe(parts, state)
-    reporter.save_config(run_config(parts))
+    reporter.save_config(run_config(parts, state))
     if state.step >= plan.last_step:
         reporter.print(
             f"nothing to do: the checkpoint in {settings.run.log_dir} is at step {state.step}; "
