@@ -294,3 +294,40 @@ def test_knn_monitor_separates_separable_features():
     result = knn_top1(channel_means, bank, queries, 3, None, torch.device("cpu"), k=20)
     assert result["samples"] == 32 and result["bank"] == 64
     assert result["top1"] > 60.0, result  # chance is 33%
+
+
+def test_parts_plug_into_the_trainers_step_unchanged():
+    """BarlowTwins, its criterion and meter, the recipe's groups, LARS and a closed-form
+    cosine schedule through lars.step.optimizer_step as the trainer calls it."""
+    from lars.distributed import LocalBackend
+    from lars.schedules import build_scheduler
+    from lars.step import StepContext, optimizer_step
+    from lars.tasks.barlowtwins import BarlowTwinsCriterion, SSLMeter, bt_param_groups
+
+    torch.manual_seed(0)
+    model = BarlowTwins(_conv_backbone(), 8, [16, 16])
+    weight_lr, norm_lr = 0.2 * 16 / 256, 0.0048 * 16 / 256
+    groups = bt_param_groups(model, weight_lr, norm_lr, 1.5e-6)
+    assert [(g["lr"], g["weight_decay"], g["layer_adaptation"]) for g in groups] == [
+        (weight_lr, 1.5e-6, True),
+        (norm_lr, 0.0, False),
+    ]
+    optimizer = LARS(groups, lr=weight_lr)
+    scheduler = build_scheduler(
+        optimizer, schedule="cosine", total_steps=3, warmup_steps=1, end_lr=0.001 * weight_lr
+    )
+    criterion = BarlowTwinsCriterion(lambd=0.0051)
+    ctx = StepContext(
+        model, criterion, optimizer, scheduler, LocalBackend(), torch.device("cpu"), 1
+    )
+    meter = SSLMeter(criterion, "cpu")
+    pairs = [(torch.randn(16, 2, 3, 6, 6), torch.zeros(16, dtype=torch.long), [])] * 3
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = iter(pairs)
+    assert all(optimizer_step(ctx, batches, meter, []) for _ in range(3))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    logged = meter.read_and_reset(LocalBackend())
+    assert logged["loss"] == pytest.approx(logged["on_diag"] + 0.0051 * logged["off_diag"])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(
+        [0.001 * weight_lr, 0.001 * norm_lr]
+    )

@@ -19,9 +19,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lars.metrics import DeviceCounters
 from lars.models import build_model
+from lars.param_groups import param_groups
+from lars.tasks.bt_loss import DEFAULT_LAMBDA, BarlowTwinsLossParts, barlow_twins_loss
 
-__all__ = ["BarlowTwins", "build_barlow_twins", "headless_backbone", "parse_projector"]
+__all__ = [
+    "BarlowTwins",
+    "BarlowTwinsCriterion",
+    "SSLMeter",
+    "bt_param_groups",
+    "build_barlow_twins",
+    "headless_backbone",
+    "parse_projector",
+]
 
 DEFAULT_PROJECTOR = "8192-8192-8192"
 _SENTINEL_CLASSES = 9973  # a class count no hidden layer of a torchvision model has
@@ -122,8 +133,64 @@ class BarlowTwins(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.projector(self.backbone(x)))
 
-    def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    channels_last = False  # set by the trainer: the views are laid out after the split
+
+    def forward(
+        self, y1: torch.Tensor, y2: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BN(z1), BN(z2)) of two view batches, or of one (n, 2, 3, H, W) batch of pairs
+        (what `BarlowTwinsPair` and the trainer's step give)."""
+        if y2 is None:
+            y1, y2 = y1.unbind(1)
+        if self.channels_last:
+            y1 = y1.contiguous(memory_format=torch.channels_last)
+            y2 = y2.contiguous(memory_format=torch.channels_last)
         return self.embed(y1), self.embed(y2)
+
+
+class BarlowTwinsCriterion:
+    """`loss_fn(output, labels)` of the trainer's step: output is the model's (z1, z2), labels
+    are ignored. Keeps the last call's on/off-diagonal terms for `SSLMeter`."""
+
+    def __init__(self, lambd: float = DEFAULT_LAMBDA, allreduce=None, global_batch=None):
+        self.lambd, self.global_batch = lambd, global_batch
+        self.allreduce = allreduce if allreduce is not None else (lambda t: t)
+        self.last: BarlowTwinsLossParts | None = None
+
+    def __call__(self, output, labels=None) -> torch.Tensor:
+        z1, z2 = output
+        self.last = barlow_twins_loss(z1, z2, self.lambd, self.allreduce, self.global_batch)
+        return self.last.loss
+
+
+class SSLMeter:
+    """The step's meter for Barlow Twins: loss, on- and off-diagonal terms, on the device."""
+
+    def __init__(self, criterion: BarlowTwinsCriterion, device) -> None:
+        self.criterion = criterion
+        self.counters = DeviceCounters(("loss", "on_diag", "off_diag", "steps"), device)
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, output=None, labels=None) -> None:
+        parts = self.criterion.last
+        self.counters.add(loss=loss, on_diag=parts.on_diag, off_diag=parts.off_diag, steps=1)
+
+    def read_and_reset(self, dist) -> dict[str, float]:
+        """Means since the last read, averaged over ranks (every rank holds the same loss)."""
+        sums = self.counters.read(dist)
+        count = max(sums.pop("steps"), 1.0)
+        return {name: value / count for name, value in sums.items()}
+
+
+def bt_param_groups(
+    model: nn.Module, weight_lr: float, norm_bias_lr: float, weight_decay: float
+) -> list[dict]:
+    """The original's LARS groups: weights decayed and adapted at `weight_lr`; biases and
+    normalisation parameters neither, at `norm_bias_lr` (0.2 and 0.0048 x global batch / 256)."""
+    groups = param_groups(model, weight_decay)
+    for group in groups:
+        group["lr"] = weight_lr if group["layer_adaptation"] else norm_bias_lr
+    return groups
 
 
 def build_barlow_twins(
