@@ -367,7 +367,15 @@ def _skip_reason(spec) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+# 90 points each: one trainer dry run a point (it builds the model) takes 20-100 s in all.
+LARGE_SPECS = {"tvlars_table1_cifar10", "tvlars_table1_tinyimagenet"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in LARGE_SPECS else p for p in SWEEPS],
+    ids=[p.stem for p in SWEEPS],
+)
 def test_every_shipped_spec_passes_dry_run(path, parser, capsys):
     try:
         spec = load_spec(path, parser)
