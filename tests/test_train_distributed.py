@@ -323,7 +323,12 @@ def test_torch_backend_matches_horovod_and_runs_under_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--fp16-allreduce"], ["--use-adasum"], ["--fp16-allreduce", "--backend", "torch"]]
+    "extra",
+    [
+        ["--fp16-allreduce"],
+        ["--use-adasum", "--nonfinite", "abort"],  # Adasum cannot skip a step (lars.checks)
+        ["--fp16-allreduce", "--backend", "torch"],
+    ],
 )
 def test_allreduce_variants_run(tmp_path, extra):
     require_distributed()

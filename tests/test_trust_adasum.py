@@ -22,6 +22,8 @@ import pytest
 import torch
 from conftest import ROOT, require_distributed, run_script
 
+from lars.cli import main
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -120,3 +122,46 @@ def _reference(initial, combine):
         w = w + combine(deltas[0][0], deltas[1][0])
         b = b + combine(deltas[0][1], deltas[1][1])
     return w, b
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--clip-grad-norm", "1", "--nonfinite", "abort"], "--clip-grad-norm"),
+        (["--amp", "fp16", "--nonfinite", "abort"], "--amp fp16"),
+        (["--nonfinite", "skip"], "--nonfinite skip"),
+        (["--nonfinite", "abort", "--max-nonfinite", "3"], "--max-nonfinite 3"),
+    ],
+)
+def test_combinations_that_cannot_be_made_right_exit_2(extra, named, capsys):
+    status = main(["--dry-run", "--model", "tinycnn", "--use-adasum", *extra])
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and named in err and "--use-adasum" in err, err
+
+
+def test_adasum_with_abort_plans(capsys):
+    assert main(["--dry-run", "--model", "tinycnn", "--use-adasum", "--nonfinite", "abort"]) == 0
+
+
+@pytest.mark.distributed
+def test_a_non_finite_adasum_step_aborts_without_a_bad_checkpoint(tmp_path):
+    """The update is already made when the gradients are checked: the run stops at once and
+    the newest checkpoint is the last good step."""
+    from lars.checkpoint import list_checkpoints, load_checkpoint
+    from lars.faults import NONFINITE_EXIT_STATUS
+
+    require_distributed()
+    log_dir = tmp_path / "run"
+    argv = ["--model", "tinycnn", "--workers", "0", "--threads", "1", "--epochs", "1"]
+    argv += ["--use-adasum", "--nonfinite", "abort", "--checkpoint-every-steps", "1"]
+    result = run_script(
+        [*argv, "--max-steps", "6", "--batch-size", "16", "--log-dir", log_dir],
+        np=2,
+        script=ROOT / "tests" / "helpers" / "inject_nan.py",
+        env={"NAN_AT_CALLS": "3"},
+    )
+    assert result.returncode == NONFINITE_EXIT_STATUS, result.stderr
+    newest = load_checkpoint(list_checkpoints(log_dir)[0])
+    assert newest["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in newest["model"].values())
