@@ -74,10 +74,17 @@ def test_grid_cases_ranks_and_seeds_expand_in_order(tmp_path, parser):
 
 
 def test_flags_become_the_trainers_words(parser):
+    import argparse
+
     table = FlagTable(parser)
-    words = table.argv({"--base-lr": 2.0, "--bn-bias-separately": True, "--hflip": False})
-    assert words == ["--base-lr", "2.0", "--bn-bias-separately", "--no-hflip"]
-    assert table.argv({"--bn-bias-separately": False}) == []
+    actions = [a for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"]
+    optional = next(a for a in actions if isinstance(a, argparse.BooleanOptionalAction))
+    store_true = next(a for a in actions if a.nargs == 0 and a.const is True)
+    on_off, switch = FlagTable.option(optional), FlagTable.option(store_true)
+    words = table.argv({"--base-lr": 2.0, switch: True, on_off: False})
+    assert words == ["--base-lr", "2.0", switch, "--no-" + on_off[2:]]
+    assert table.argv({switch: False, on_off: True}) == [on_off]
+    assert parser.parse_args(words).base_lr == 2.0  # the trainer's parser reads them back
 
 
 @pytest.mark.parametrize(
