@@ -98,6 +98,7 @@ def test_flags_become_the_trainers_words(parser):
         ({"grid": {"base-lr": [1, 1.0]}}, ["--base-lr", "repeats a value"]),
         ({"seeds": [1], "flags": {"seed": 3}}, ["--seed"]),
         ({"color": "red"}, ["unknown key 'color'"]),
+        ({"grid": {"wd": [0, 1e-4]}, "table": {"columns": "base-lr"}}, ["not a swept axis"]),
     ],
 )
 def test_bad_specs_are_named_before_anything_runs(tmp_path, capsys, doc, words):

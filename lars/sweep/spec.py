@@ -156,6 +156,7 @@ def load_spec(path: str | Path, parser: argparse.ArgumentParser) -> Spec:
             raise SpecError(f"{path}: pending: {str(doc['pending']).strip()} ({error})") from None
         raise
     _check_sections(path, doc)
+    _check_columns(path, doc.get("table") or {}, points)
     train_images = doc.get("train-images")
     if train_images is not None:
         (train_images,) = _int_list(train_images, f"{path}: train-images")
@@ -171,6 +172,18 @@ def load_spec(path: str | Path, parser: argparse.ArgumentParser) -> Spec:
         slurm=_mapping(doc.get("slurm"), f"{path}: slurm"),
         train_images=train_images,
     )
+
+
+def _check_columns(path: Path, table: dict, points: list[Point]) -> None:
+    """table.columns names a swept axis (a flag with or without dashes, a named axis, `ranks`)
+    or `case` (the case labels)."""
+    name = table.get("columns")
+    if name is None or name == "case":
+        return
+    axes = {key for point in points for key in point.swept}
+    if str(name) not in axes and "--" + str(name).lstrip("-").replace("_", "-") not in axes:
+        shown = ", ".join(sorted(a.lstrip("-") for a in axes)) or "none"
+        raise SpecError(f"{path}: table: columns {name!r} is not a swept axis (swept: {shown})")
 
 
 def _check_sections(path: Path, doc: dict) -> None:
