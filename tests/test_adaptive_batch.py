@@ -379,3 +379,53 @@ def test_test_due_every_interval_until_the_max():
     assert [ctl.test_due(s) for s in range(4)] == [True, False, False, True]
     ctl.observe(Moments(1.0, math.nan, math.nan, 0.0))  # zero gradient: straight to the max
     assert state.global_batch_size == 64 and not ctl.test_due(6)
+
+
+# ---------------------------------------------------------------- under Horovod (mpirun -np 2)
+
+HOROVOD_WORKER = """
+import torch
+import horovod.torch as hvd
+import tests.test_adaptive_batch as t
+from lars.adaptive import MicroBatchEstimator
+
+hvd.init()
+torch.set_num_threads(1)
+model, b = t.mlp(), 3
+est = MicroBatchEstimator(list(model.parameters()), inner_products="copy").attach()
+opt = hvd.DistributedOptimizer(
+    torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+    backward_passes_per_step=2,
+)
+reduce_sum = lambda x: hvd.allreduce(x, op=hvd.Sum, name="lars.batch_test")
+for step, k in enumerate((2, 3, 3)):  # grows after the first step, between steps
+    if step and k != opt.backward_passes_per_step:
+        opt.set_backward_passes_per_step(k)
+    every = t.micro_batches(2 * k, b, seed=10 + step)  # the same 2k micro-batches everywhere
+    mine = every[hvd.rank() * k : (hvd.rank() + 1) * k]
+    ref = t.reference_statistics(t.micro_means(model, every), scale=b)
+    opt.zero_grad()
+    est.begin_step(k)
+    for x, y in mine:
+        (t.LOSS(model(x), y) / k).backward()
+    opt.synchronize()
+    m = est.finish(micro_batch=b, reduce_sum=reduce_sum)
+    assert m.samples == 2 * k, m
+    t.assert_moments(m, ref, rtol=1e-9)
+    with opt.skip_synchronize():
+        opt.step()
+print(f"rank {hvd.rank()}: OK")
+"""
+
+
+@pytest.mark.distributed
+def test_micro_batch_estimator_under_horovod_with_growing_k(tmp_path):
+    """The hooks see each micro-batch before Horovod's in-place allreduce; after
+    set_backward_passes_per_step the statistics still cover exactly ranks x k micro-batches."""
+    from conftest import check_ok, require_distributed, run_script
+
+    require_distributed()
+    script = tmp_path / "adaptive_worker.py"
+    script.write_text(HOROVOD_WORKER)
+    out = check_ok(run_script([], np=2, timeout=240, script=script, env={"PYTHONPATH": "."}))
+    assert "rank 0: OK" in out and "rank 1: OK" in out

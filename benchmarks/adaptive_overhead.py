@@ -1,0 +1,125 @@
+"""Overhead of the adaptive-batch estimators (lars.adaptive) as a fraction of one training step.
+
+Timed with this process's CPU time by default (``--clock process``): on a shared machine other
+processes' load stretches wall time but not the CPU this process spends.
+
+One step = k micro-batches of (forward, loss / k, backward) and an SGD step, on the CPU. Each
+configuration adds one estimator, active on every step (--test-interval 1, the worst case; with
+an interval of T the cost is divided by T). Configurations are interleaved repeat by repeat, so a
+change in machine load hits them alike; the median of each is reported against the baseline's.
+
+    python benchmarks/adaptive_overhead.py                      # resnet18_small, 32 px, b=16, k=2
+    python benchmarks/adaptive_overhead.py --model tinycnn --repeats 20
+
+Configurations: micro-batch estimator with inner_products none (norm test), copy (exact <g_j,
+g-bar>: one gradient copy per micro-batch) and previous (last step's g-bar); per-sample
+estimator (torch.func) on --per-sample samples of the step, norm only and with the second pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lars.adaptive import MicroBatchEstimator, PerSampleEstimator
+from lars.models import build_model
+
+TARGET = 0.02  # micro-batch estimator: under 2% of a step
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet18_small", help="a lars.models name")
+    p.add_argument("--image-size", type=int, default=32, help="pixels (default 32)")
+    p.add_argument("--micro-batch", type=int, default=16, help="images per micro-batch (16)")
+    p.add_argument("--k", type=int, default=2, help="micro-batches per step (default 2)")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per configuration (7)")
+    p.add_argument("--per-sample", type=int, default=16, help="per-sample estimator samples (16)")
+    p.add_argument("--chunk", type=int, default=8, help="per-sample chunk size (default 8)")
+    p.add_argument("--skip-per-sample", action="store_true", help="time the micro-batch ones only")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument(
+        "--clock",
+        choices=("process", "wall"),
+        default="process",
+        help="process: this process's CPU time (default; steadier on a shared machine), wall",
+    )
+    return p
+
+
+class Step:
+    """One training step with an optional estimator."""
+
+    def __init__(self, args, estimator: str) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(args.model, num_classes=10)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.loss = nn.CrossEntropyLoss()
+        self.args, self.kind = args, estimator
+        self.micro = self.per_sample = None
+        if estimator.startswith("micro:"):
+            mode = estimator.split(":")[1]
+            params = list(self.model.parameters())
+            self.micro = MicroBatchEstimator(params, inner_products=mode).attach()
+        elif estimator.startswith("per-sample:"):
+            ip = estimator.endswith("ip")
+            self.per_sample = PerSampleEstimator(
+                self.model, self.loss, args.per_sample, args.chunk, inner_products=ip
+            )
+
+    def __call__(self, batches) -> float:
+        clock = time.process_time if self.args.clock == "process" else time.perf_counter
+        start = clock()
+        k = len(batches)
+        self.opt.zero_grad()
+        if self.micro is not None:
+            self.micro.begin_step(k)
+        for x, y in batches:
+            (self.loss(self.model(x), y) / k).backward()
+        if self.micro is not None:
+            self.micro.finish(micro_batch=x.shape[0])
+        if self.per_sample is not None:
+            self.per_sample.moments(*batches[0])
+        self.opt.step()
+        return clock() - start
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kinds = ["baseline", "micro:none", "micro:copy", "micro:previous"]
+    if not args.skip_per_sample:
+        kinds += ["per-sample:norm", "per-sample:ip"]
+    steps = {kind: Step(args, kind) for kind in kinds}
+    shape = (args.micro_batch, 3, args.image_size, args.image_size)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(shape, generator=g), torch.randint(0, 10, shape[:1], generator=g))]
+    batches = batches * args.k
+    times = {kind: [] for kind in kinds}
+    for kind in kinds:  # warm-up (the "previous" mode needs one step for its direction)
+        steps[kind](batches), steps[kind](batches)
+    load_before = os.getloadavg()
+    for _ in range(args.repeats):
+        for kind in kinds:
+            times[kind].append(steps[kind](batches))
+    load_after = os.getloadavg()
+    base = statistics.median(times["baseline"])
+    print(f"{args.model}, {args.image_size} px, micro-batch {args.micro_batch} x k={args.k}, "
+          f"{args.threads} threads, {args.repeats} repeats, {args.clock} time; load average "
+          f"{load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
+    print(f"{'estimator':<18} {'median step (ms)':>17} {'overhead':>9}")
+    for kind in kinds:
+        med = statistics.median(times[kind])
+        print(f"{kind:<18} {1e3 * med:17.1f} {med / base - 1:9.1%}")
+    worst = max(statistics.median(times[k]) / base - 1 for k in kinds if k.startswith("micro"))
+    print(f"micro-batch estimator, worst mode: {worst:.1%} (target < {TARGET:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
