@@ -5,8 +5,10 @@ converted to global-batch statistics and c summed by the autograd-aware allreduc
 the gradients averaged over ranks (what Horovod's DistributedOptimizer and DDP do), must equal
 those of one process on the whole batch with plain BatchNorm, in float64. The running statistics
 must agree too. With `detached=True` (the TVLARS repository's all_reduce) the averaged gradients
-must be the exact ones divided by the world size. Prints "OK <backend>" on rank 0; exits 1 on a
-mismatch.
+must be the exact ones divided by the world size. Last, one LARS step through the trainer's own
+path (`lars.step.optimizer_step`, the backend's wrapped optimizer and model: Horovod's
+DistributedOptimizer or DDP, whose gradient allreduces interleave with the loss's) must leave the
+same parameters as one process's step. Prints "OK <backend>" on rank 0; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import sys
 import torch
 import torch.nn as nn
 
-from lars.distributed import init_distributed
-from lars.tasks.barlowtwins import BarlowTwins
+from lars.distributed import LocalBackend, init_distributed
+from lars.optim import LARS
+from lars.schedules import build_scheduler
+from lars.step import StepContext, optimizer_step
+from lars.tasks.barlowtwins import BarlowTwins, BarlowTwinsCriterion, SSLMeter, bt_param_groups
 from lars.tasks.bt_loss import autograd_allreduce_sum, barlow_twins_loss, convert_batchnorm
 
 BATCH, LAMBDA = 8, 0.0051
@@ -49,6 +54,33 @@ def loss_and_grads(model, y1, y2, allreduce, dist=None):
     return parts.loss.detach(), grads
 
 
+def trainer_step(model, pairs, dist) -> list[torch.Tensor]:
+    """One optimizer_step of LARS with the original's groups; the parameters after it."""
+    optimizer = LARS(bt_param_groups(model, 0.5, 0.05, 1e-4), lr=0.5, trust_coefficient=0.02)
+    optimizer = dist.wrap_optimizer(optimizer, model, 1)
+    scheduler = build_scheduler(optimizer, schedule="constant", total_steps=1, warmup_steps=0)
+    criterion = BarlowTwinsCriterion(LAMBDA, autograd_allreduce_sum(dist))
+    ctx = StepContext(
+        dist.wrap_model(model), criterion, optimizer, scheduler, dist, torch.device("cpu"), 1
+    )
+    labels = torch.zeros(pairs.shape[0], dtype=torch.long)
+    if not optimizer_step(ctx, iter([(pairs, labels, [])]), SSLMeter(criterion, "cpu"), []):
+        raise RuntimeError("the step was skipped")
+    return [param.detach().clone() for param in model.parameters()]
+
+
+def check_trainer_step(dist, y1, y2, rows) -> list[str]:
+    pairs = torch.stack([y1, y2], dim=1)  # (n, 2, 3, H, W), as BarlowTwinsPair batches are
+    expected = trainer_step(tiny_model(), pairs, LocalBackend())
+    got = trainer_step(convert_batchnorm(tiny_model(), dist), pairs[rows], dist)
+    names = [name for name, _ in tiny_model().named_parameters()]
+    return [
+        f"trainer step: {name} off by {(a - b).abs().max().item():.3g}"
+        for name, a, b in zip(names, got, expected)
+        if not torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    ]
+
+
 def main(backend: str) -> int:
     dist = init_distributed(backend)
     torch.manual_seed(1)
@@ -73,6 +105,7 @@ def main(backend: str) -> int:
         for name, buffer in model.named_buffers():
             if not torch.allclose(buffer.to(ref_buffers[name].dtype), ref_buffers[name]):
                 failures.append(f"detached={detached}: buffer {name} differs")
+    failures += check_trainer_step(dist, y1, y2, rows)
     for line in failures:
         print(f"rank {dist.rank}: {line}", flush=True)
     if dist.rank == 0 and not failures:
