@@ -20,7 +20,12 @@ from lars.optim import LARS
 from lars.param_groups import param_groups
 from lars.tasks.barlowtwins import BarlowTwins, build_barlow_twins, parse_projector
 from lars.tasks.bt_augment import BarlowTwinsPair, BarlowTwinsView
-from lars.tasks.bt_loss import GlobalBatchNorm, barlow_twins_loss, convert_batchnorm
+from lars.tasks.bt_loss import (
+    GlobalBatchNorm,
+    barlow_twins_loss,
+    convert_batchnorm,
+    local_batchnorm,
+)
 from lars.tasks.knn import knn_top1, weighted_knn_predict
 from lars.tasks.linear_probe import ProbeConfig, build_probe, evaluate_probe, run_linear_probe
 
@@ -75,6 +80,12 @@ def test_global_batchnorm_on_one_rank_is_batchnorm():
     (grad_global,) = torch.autograd.grad(y_global.pow(3).sum(), x)
     torch.testing.assert_close(grad_global, grad_plain, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(global_bn.running_var, plain.running_var)
+
+    def no_communication(tensor):
+        raise AssertionError("local_batchnorm must not communicate")
+
+    global_bn.allreduce = no_communication
+    torch.testing.assert_close(local_batchnorm(nn.Sequential(global_bn))[0](x), plain(x))
     assert id(global_bn.weight) in {id(p) for p in param_groups(global_bn, 1e-3)[-1]["params"]}
 
 
@@ -110,6 +121,8 @@ def test_model_removes_the_classifier_and_uses_the_real_feature_width():
     assert model.bn.num_features == 32 and not model.bn.affine
     z1, z2 = model(torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32))
     assert z1.shape == z2.shape == (3, 32)
+    with pytest.raises(ValueError, match="pairs"):
+        model(torch.randn(3, 3, 32, 32))
     assert build_barlow_twins("mobilenet_v3_small", projector="16").feature_width == 1024
     assert parse_projector("8192-8192-8192") == [8192] * 3
     for bad in ("", "8192-", "a-b", "0-16"):

@@ -141,6 +141,10 @@ class BarlowTwins(nn.Module):
         """(BN(z1), BN(z2)) of two view batches, or of one (n, 2, 3, H, W) batch of pairs
         (what `BarlowTwinsPair` and the trainer's step give)."""
         if y2 is None:
+            if y1.dim() != 5 or y1.shape[1] != 2:
+                raise ValueError(
+                    f"expected a (n, 2, C, H, W) batch of pairs, got {tuple(y1.shape)}"
+                )
             y1, y2 = y1.unbind(1)
         if self.channels_last:
             y1 = y1.contiguous(memory_format=torch.channels_last)

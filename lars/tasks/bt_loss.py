@@ -41,6 +41,7 @@ __all__ = [
     "autograd_allreduce_sum",
     "barlow_twins_loss",
     "convert_batchnorm",
+    "local_batchnorm",
 ]
 
 AllreduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -194,6 +195,19 @@ def convert_batchnorm(model: nn.Module, dist=None, *, native: bool = False) -> n
             setattr(model, name, replacement)
         else:
             convert_batchnorm(child, dist, native=native)
+    return model
+
+
+def local_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every `GlobalBatchNorm` of `model` use this rank's rows only (in place).
+
+    For a copy of the backbone in the TVLARS-compatible probe, which runs BatchNorm in training
+    mode: there the ranks' validation shards may hold different numbers of batches, and a
+    collective in the forward pass would wait forever for the rank that has finished.
+    """
+    for module in model.modules():
+        if isinstance(module, GlobalBatchNorm):
+            module.allreduce = _identity
     return model
 
 
