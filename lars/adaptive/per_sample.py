@@ -53,7 +53,7 @@ def batch_norm_per_sample(model: nn.Module):
             module.track_running_stats = flag
 
 
-def _sample_gradient_fn(model: nn.Module, loss_fn: Callable, names: list[str]):
+def _sample_gradient_fn(model: nn.Module, loss_fn: Callable):
     def loss_of_one(params: dict, buffers: dict, x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(model, (params, buffers), (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0))
@@ -93,8 +93,8 @@ class PerSampleEstimator:
         return [n for n, _ in named], params, buffers
 
     def _pass(self, images, labels, visit: Callable[[dict], None]) -> None:
-        names, params, buffers = self._state()
-        fn = _sample_gradient_fn(self.model, self.loss_fn, names)
+        _, params, buffers = self._state()
+        fn = _sample_gradient_fn(self.model, self.loss_fn)
         with batch_norm_per_sample(self.model):
             for x, y in _chunks(images, labels, self.max_samples, self.chunk_size):
                 visit(fn(params, buffers, x, y))

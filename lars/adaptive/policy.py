@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .statistics import Moments, Smoother, b_new, next_batch_size
+from .statistics import Moments, Smoother, b_new, check_test_settings, next_batch_size
 
 LR_POLICIES = ("none", "sqrt", "linear", "adascale")
 GROWTH_ORDERS = ("accumulation", "micro-batch")
@@ -145,6 +145,7 @@ class BatchController:
 
     def __init__(self, state: BatchState, growth: BatchGrowth, test_type: str, interval: int = 1,
                  eta=0.1, theta=0.1, nu=0.1, lr_policy="none", ema_beta=0.0) -> None:  # fmt: skip
+        check_test_settings(test_type, eta, theta, nu)
         growth.check(state.micro_batch, state.batches_per_allreduce)
         if interval < 1:
             raise ValueError(f"--test-interval must be >= 1, got {interval}")
