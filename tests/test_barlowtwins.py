@@ -130,6 +130,8 @@ def test_model_removes_the_classifier_and_uses_the_real_feature_width():
             parse_projector(bad)
     with pytest.raises(ValueError, match="--model 'squeezenet1_0'"):
         build_barlow_twins("squeezenet1_0")
+    with pytest.raises(ValueError, match="--model 'vit_b_16' cannot run on 32 px"):
+        build_barlow_twins("vit_b_16", image_size=32)
 
 
 def _conv_backbone():

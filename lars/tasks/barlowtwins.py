@@ -103,7 +103,13 @@ def headless_backbone(name: str, image_size: int = 32) -> tuple[nn.Module, int]:
     parent, attribute = _parent_and_name(model, heads[-1])
     width = getattr(parent, attribute).in_features
     setattr(parent, attribute, nn.Identity())
-    measured = _feature_width(model, image_size)
+    try:
+        measured = _feature_width(model, image_size)
+    except (RuntimeError, AssertionError) as error:  # e.g. a ViT's fixed input size
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"--model {name!r} cannot run on {image_size} px images: {first}"
+        ) from None
     if measured != width:
         raise ValueError(
             f"--model {name!r}: features of width {measured} reach the removed classifier, "
