@@ -92,7 +92,8 @@ class Step:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    kinds = ["baseline", "micro:none", "micro:copy", "micro:previous"]
+    # baseline-twin: a second, identical baseline (another model instance): the noise floor
+    kinds = ["baseline", "baseline-twin", "micro:none", "micro:copy", "micro:previous"]
     if not args.skip_per_sample:
         kinds += ["per-sample:norm", "per-sample:ip"]
     steps = {kind: Step(args, kind) for kind in kinds}

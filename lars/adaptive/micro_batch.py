@@ -119,8 +119,11 @@ class MicroBatchEstimator:
             if not self.active:
                 return None
             grad = grad.detach()
-            wide = torch.promote_types(grad.dtype, torch.float32)  # fp16/bf16 grads: float32 norms
-            self.norms.append((index, torch.linalg.vector_norm(grad, dtype=wide)))
+            if grad.dtype in (torch.float16, torch.bfloat16):  # float32 norms (dtype= is slower)
+                norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            else:
+                norm = torch.linalg.vector_norm(grad)
+            self.norms.append((index, norm))
             if self.mode == "copy":
                 self.copies.append((index, grad.clone()))
             elif self.mode == "previous" and self.direction is not None:
