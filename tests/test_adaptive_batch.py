@@ -181,16 +181,20 @@ def test_micro_batch_statistics_are_the_formulas_on_the_micro_batch_means(mode):
 def test_micro_batch_previous_direction_lags_one_test_step():
     model, b, k = mlp(), 2, 4
     est = MicroBatchEstimator(list(model.parameters()), inner_products="previous").attach()
-    first = micro_batches(k, b, seed=5)
-    run_step(model, est, first, k)
-    m1 = est.finish(micro_batch=b)
-    assert math.isnan(m1.var_inner_product)  # no direction yet
-    u = [g.mean(0) for g in (torch.stack(t) for t in zip(*micro_means(model, first)))]
-    second = micro_batches(k, b, seed=6)
-    run_step(model, est, second, k)
-    m2 = est.finish(micro_batch=b)
-    ref = reference_statistics(micro_means(model, second), scale=b, u=u)
-    assert_moments(m2, ref, rtol=1e-9)
+    u = None
+    for step in range(3):  # the third step checks the direction buffers are refilled
+        batches = micro_batches(k, b, seed=5 + step)
+        run_step(model, est, batches, k)
+        m = est.finish(micro_batch=b)
+        means = micro_means(model, batches)
+        if u is None:
+            assert math.isnan(m.var_inner_product)  # no direction yet
+        else:
+            assert_moments(m, reference_statistics(means, scale=b, u=u), rtol=1e-9)
+        u = [torch.stack(t).mean(0) for t in zip(*means)]
+        with torch.no_grad():  # move the weights: each step's g-bar differs
+            for p in model.parameters():
+                p.sub_(0.1 * p.grad)
 
 
 def test_inactive_steps_collect_nothing():

@@ -103,6 +103,8 @@ class MicroBatchEstimator:
         self.copies: list[tuple[int, Tensor]] = []
         self.dots: list[tuple[int, Tensor]] = []
         self.direction: list[Tensor] | None = None  # "previous": last test step's g-bar
+        self.pool: dict[tuple[int, int], Tensor] = {}  # "copy": (tensor, micro-batch) -> buffer
+        self.seen: dict[int, int] = {}  # micro-batches seen this step, per tensor
 
     def attach(self) -> MicroBatchEstimator:
         for index, p in enumerate(self.params):
@@ -125,7 +127,7 @@ class MicroBatchEstimator:
                 norm = torch.linalg.vector_norm(grad)
             self.norms.append((index, norm))
             if self.mode == "copy":
-                self.copies.append((index, grad.clone()))
+                self.copies.append((index, self._copy(index, grad)))
             elif self.mode == "previous" and self.direction is not None:
                 u = self.direction[index]
                 self.dots.append((index, torch.dot(grad.flatten().to(u.dtype), u.flatten())))
@@ -133,12 +135,22 @@ class MicroBatchEstimator:
 
         return hook
 
+    def _copy(self, index: int, grad: Tensor) -> Tensor:
+        """A copy of this micro-batch's gradient in a buffer reused from step to step (fresh
+        gradient-sized allocations cost page faults every step)."""
+        key = (index, self.seen.get(index, 0))
+        self.seen[index] = key[1] + 1
+        buffer = self.pool.get(key)
+        if buffer is None or buffer.shape != grad.shape or buffer.dtype != grad.dtype:
+            buffer = self.pool[key] = torch.empty_like(grad)
+        return buffer.copy_(grad)
+
     def begin_step(self, batches_per_allreduce: int, loss_scale=None, active: bool = True) -> None:
         """Before the step's first backward: k and the loss scale of this step (a float or the
         GradScaler's device tensor: no host sync)."""
         self.k, self.active = batches_per_allreduce, active
         self.scale = 1.0 if loss_scale is None else loss_scale
-        self.norms, self.copies, self.dots = [], [], []
+        self.norms, self.copies, self.dots, self.seen = [], [], [], {}
 
     def _per_tensor(self, pairs: list[tuple[int, Tensor]], square: bool, device) -> Tensor:
         out = torch.zeros(len(self.params), dtype=torch.float64, device=device)
@@ -205,7 +217,11 @@ class MicroBatchEstimator:
             if had_direction
             else None
         )
-        self.direction = [g.clone() for g in gbar]  # the next test step's u
+        if had_direction:  # the next test step's u, in the same buffers
+            for u, g in zip(self.direction, gbar):
+                u.copy_(g)
+        else:
+            self.direction = [g.clone() for g in gbar]
         if not had_direction:
             return micro_batch_moments(n, b, sq, gbar_sq)
         return micro_batch_moments(n, b, sq, gbar_sq, parts[2], parts[3], u_sq.cpu())
