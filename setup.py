@@ -23,5 +23,5 @@ setup(
         "horovod": ["horovod==0.28.1", "mpi4py"],
         "dev": ["pytest", "ruff==0.17.6"],
     },
-    entry_points={"console_scripts": ["lars-train=lars.cli:main"]},
+    entry_points={"console_scripts": ["lars-train=lars.cli:main", "lars-sweep=lars.sweep:main"]},
 )

@@ -151,7 +151,7 @@ def check_flags(values: dict, defaulted=frozenset()) -> None:
     if values["model"] not in available_models():
         raise SettingError(
             f"--model {values['model']!r} is not a torchvision classification model nor "
-            "one of resnet18_small, resnet34_small, resnet50_small, tinycnn"
+            "one of resnet18_small, resnet34_small, resnet50_small, tinycnn, alexnet_bn"
         )
     _check_paths(values)
 

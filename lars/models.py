@@ -15,7 +15,7 @@ import torch.nn as nn
 import torchvision
 
 SMALL_IMAGE_VARIANTS = ("resnet18_small", "resnet34_small", "resnet50_small")
-EXTRA_MODELS = (*SMALL_IMAGE_VARIANTS, "tinycnn")
+EXTRA_MODELS = (*SMALL_IMAGE_VARIANTS, "tinycnn", "alexnet_bn")
 
 
 def available_models() -> list[str]:
@@ -56,6 +56,10 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     """Build `name` with `num_classes` outputs and random weights. Raises ValueError if unknown."""
     if name == "tinycnn":
         return TinyCNN(num_classes)
+    if name == "alexnet_bn":  # the SystemDS LARS comparison's model (lars/alexnet_bn.py)
+        from lars.alexnet_bn import alexnet_bn
+
+        return alexnet_bn(num_classes)
     if name in SMALL_IMAGE_VARIANTS:
         base = name.removesuffix("_small")
         model = torchvision.models.get_model(base, weights=None, num_classes=num_classes)
