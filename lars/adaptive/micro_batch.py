@@ -74,6 +74,12 @@ def micro_batch_moments(
     return Moments(var_norm, var_ip, var_orth, g2, unbiased, int(n))
 
 
+def _squared_norms(tensors: list[Tensor]) -> Tensor:
+    """||t||^2 of each tensor as float64: norms in the tensors' own precision (one multi-tensor
+    kernel; a float64 norm of float32 data takes a much slower path), squared in float64."""
+    return torch.stack(torch._foreach_norm(tensors)).to(torch.float64) ** 2
+
+
 class MicroBatchEstimator:
     """Hooks on the parameters that collect the micro-batch statistics of one step.
 
@@ -192,7 +198,7 @@ class MicroBatchEstimator:
             .to(torch.promote_types(p.dtype, torch.float32))
             for p in self.params
         ]
-        gbar_sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in gbar])
+        gbar_sq = _squared_norms(gbar)
         sums = self._local_sums(gbar, device)
         sizes = [t.numel() for t in sums]
         flat = torch.cat(sums)
@@ -210,13 +216,7 @@ class MicroBatchEstimator:
         if self.mode == "copy":
             return micro_batch_moments(n, b, sq, gbar_sq, parts[2], parts[3], gbar_sq)
         had_direction = self.direction is not None
-        u_sq = (
-            torch.stack(
-                [torch.linalg.vector_norm(u, dtype=torch.float64) ** 2 for u in self.direction]
-            )
-            if had_direction
-            else None
-        )
+        u_sq = _squared_norms(self.direction) if had_direction else None
         if had_direction:  # the next test step's u, in the same buffers
             for u, g in zip(self.direction, gbar):
                 u.copy_(g)
