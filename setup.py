@@ -21,6 +21,7 @@ setup(
     ],
     extras_require={
         "horovod": ["horovod==0.28.1", "mpi4py"],
+        "dali": ["nvidia-dali-cuda130==2.4.0"],  # --data-backend dali-cpu|dali-gpu
         "dev": ["pytest", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["lars-train=lars.cli:main", "lars-sweep=lars.sweep:main"]},

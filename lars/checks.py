@@ -246,6 +246,11 @@ def _check_modes(values: dict) -> None:
             "--evaluate scores a checkpoint: --resume auto (the newest in --log-dir) or a path, "
             "not none"
         )
+    if values.get("data_backend") == "dali-gpu" and values.get("no_cuda"):
+        raise SettingError(
+            "--data-backend dali-gpu decodes on the GPU, which --no-cuda turns off: "
+            "use --data-backend dali-cpu or pytorch"
+        )
     if values["dataset"] == "imagenet" and values["train_dir"] is None and not values["dry_run"]:
         raise SettingError(
             "--dataset imagenet needs --train-dir and --val-dir (ImageFolder trees of "

@@ -131,6 +131,7 @@ def test_ordinary_values_still_pass(value, capsys):
         (["--evaluate", "--resume", "none"], ["--evaluate"]),
         (["--evaluate"], ["--evaluate"]),  # with --dry-run
         (["--tv-delay-epochs", "9", "--base-op", "tvlars", "--epochs", "4"], ["--tv-delay-epochs"]),
+        (["--data-backend", "dali-gpu", "--no-cuda"], ["--data-backend dali-gpu", "--no-cuda"]),
     ],
 )
 def test_rejected_combinations(argv, needles, capsys):
