@@ -123,6 +123,15 @@ class Reporter:
             self.writer.close()
 
 
+def describe_validation(last: dict | None) -> str:
+    """The last validation in words, for console lines (None: not validated yet)."""
+    if not last:
+        return "no validation yet"
+    shown = [f"{k} {last[k]:.2f}%" for k in ("top1", "top5") if k in last]
+    shown += [f"loss {last['loss']:.4f}"] if "loss" in last else []
+    return f"last validation (epoch {last.get('epoch', '?')}): {' '.join(shown)}"
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

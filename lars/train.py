@@ -40,7 +40,7 @@ from lars.fingerprint import fingerprint, format_value
 from lars.metrics import TrainMeter, average_batchnorm_statistics, evaluate
 from lars.param_groups import param_group_summary
 from lars.plan import RunPlan, plan_run
-from lars.reporting import Reporter, format_duration, versions
+from lars.reporting import Reporter, describe_validation, format_duration, versions
 from lars.resume import identity, resume, setting_name
 from lars.settings import Settings
 from lars.signals import install_preemption_handler
@@ -359,14 +359,6 @@ def _preempted(parts: Parts, state: TrainState, saved: bool) -> Preempted:
     )
 
 
-def _describe_validation(last: dict | None) -> str:
-    if not last:
-        return "no validation yet"
-    shown = [f"{k} {last[k]:.2f}%" for k in ("top1", "top5") if k in last]
-    shown += [f"loss {last['loss']:.4f}"] if "loss" in last else []
-    return f"last validation (epoch {last.get('epoch', '?')}): {' '.join(shown)}"
-
-
 def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=finish_epoch):
     """Train from `state` to the plan's last step; the last validation's metrics."""
     plan, reporter, settings = parts.plan, parts.reporter, parts.settings
@@ -375,7 +367,7 @@ def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=
     if state.step >= plan.last_step:
         reporter.print(
             f"nothing to do: the checkpoint in {settings.run.log_dir} is at step {state.step}; "
-            + _describe_validation(state.last_validation)
+            + describe_validation(state.last_validation)
         )
         return state.last_validation
     meter, started = TrainMeter(parts.device), time.perf_counter()

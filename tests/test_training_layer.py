@@ -73,3 +73,13 @@ def test_train_state_round_trips_and_reads_old_checkpoints():
     other = plan.replan(parse_settings([]), micro_batch=8, batches_per_allreduce=1)
     with pytest.raises(ResumeError, match="global batch 32"):
         TrainState.from_payload(payload, other)
+
+
+def test_the_last_validation_is_described_in_words():
+    from lars.reporting import describe_validation
+
+    last = {"epoch": 4, "step": 88, "loss": 0.1211, "top1": 97.2145, "top5": 100.0}
+    assert describe_validation(last) == (
+        "last validation (epoch 4): top1 97.21% top5 100.00% loss 0.1211"
+    )
+    assert describe_validation(None) == "no validation yet"
