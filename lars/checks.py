@@ -148,12 +148,21 @@ def check_flags(values: dict, defaulted=frozenset()) -> None:
     _check_optimizer(values)
     _check_adasum(values, defaulted)
     _check_modes(values)
+    _check_adaptive_batch(values)
     if values["model"] not in available_models():
         raise SettingError(
             f"--model {values['model']!r} is not a torchvision classification model nor "
             "one of resnet18_small, resnet34_small, resnet50_small, tinycnn, alexnet_bn"
         )
     _check_paths(values)
+
+
+def _check_adaptive_batch(values: dict) -> None:
+    from lars.adaptive.flags import check_flags as check_adaptive_flags
+    from lars.distributed import launched_size
+
+    ranks = (values["ranks"] if values["dry_run"] else None) or launched_size()
+    check_adaptive_flags(values, ranks)
 
 
 def _check_schedule(values: dict, defaulted) -> None:

@@ -97,6 +97,10 @@ class LocalBackend:
         """Context for one micro-batch's forward and backward; `last` ends the step."""
         return nullcontext()
 
+    def set_batches_per_allreduce(self, optimizer, k: int) -> None:
+        """Between two steps: the next steps have k backward passes (DDP and local: the step's
+        own count decides; Horovod: see HorovodBackend)."""
+
     def broadcast_model(self, model: torch.nn.Module) -> None:
         pass
 
@@ -167,6 +171,10 @@ class HorovodBackend(LocalBackend):
             op=hvd.Adasum if self.adasum else hvd.Average,
             backward_passes_per_step=batches_per_allreduce,
         )
+
+    def set_batches_per_allreduce(self, optimizer, k: int) -> None:
+        # Also resets every parameter's pass counter to k: the next step allreduces on its k-th.
+        optimizer.set_backward_passes_per_step(k)
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         # Parameters and buffers (BatchNorm running statistics) start equal on every rank.

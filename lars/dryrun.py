@@ -88,6 +88,17 @@ def dry_run(settings) -> dict:
             f"  lr at step {step:>8} (epoch {step / plan.steps_per_epoch:7.2f}): "
             f"{schedule[step]:.6g}{extra}"
         )
+    if s.adaptive.test_type != "none":
+        from lars.adaptive.flags import describe as describe_adaptive
+        from lars.adaptive.run import largest_plan
+
+        largest = largest_plan(settings, plan)[1]
+        for line in describe_adaptive(s.adaptive, plan):
+            print(line)
+        print(
+            f"  at the largest   {largest.global_batch_size} = {largest.micro_batch} x {ranks} x "
+            f"{largest.batches_per_allreduce}: {largest.steps_per_epoch} steps per epoch"
+        )
     print(f"parameter groups   {describe_split(settings)}")
     print(param_group_summary(model, groups))
     return {"plan": plan, "lr": schedule}

@@ -130,6 +130,16 @@ _SPECS = (
         ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
         0.01,
     ),
+    # AdaGrad-Norm (Ward, Wu & Bottou 2019): one step size lr / sqrt(b0^2 + sum_t ||g_t||^2)
+    # for the whole model; that sum is its decay, so no schedule or warm-up of its own.
+    OptimizerSpec(
+        "adagradnorm",
+        _lars_class("AdaGradNorm"),
+        ("lr", "weight_decay"),
+        1.0,
+        schedule="constant",
+        warmup_epochs=0.0,
+    ),
     OptimizerSpec(
         "rmsprop",
         lambda: torch.optim.RMSprop,

@@ -137,13 +137,23 @@ def _canonical(value: Any) -> Any:
     return str(value)
 
 
+def _switched_off(flat: Mapping) -> frozenset:
+    """The settings of a feature that is off (the adaptive batch with test_type none, or not
+    recorded): they shape nothing, and leaving them out keeps every earlier fingerprint."""
+    from lars.settings import GROUPS
+
+    test = [value for key, value in flat.items() if _leaf(key) == "test_type"]
+    return frozenset(GROUPS["adaptive"].split()) if test in ([], ["none"]) else frozenset()
+
+
 def trajectory_settings(settings: Mapping, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The flattened settings that shape the trajectory, in canonical form, sorted by key.
 
-    Keys starting with an underscore and leaves in `NOT_TRAJECTORY` (or `exclude`) are left out.
+    Keys starting with an underscore and leaves in `NOT_TRAJECTORY` (or `exclude`) are left out,
+    and so are those of the adaptive batch when it is off (`_switched_off`).
     """
-    skip = NOT_TRAJECTORY | frozenset(exclude)
     flat = _flatten(settings)
+    skip = NOT_TRAJECTORY | frozenset(exclude) | _switched_off(flat)
     return {
         key: _canonical(flat[key])
         for key in sorted(flat)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from lars.adaptive.flags import add_flags as add_adaptive_batch_flags
 from lars.factory import OPTIMIZER_SPECS, OPTIMIZERS
 from lars.schedules import SCHEDULES
 
@@ -354,6 +355,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("configuration files and planning", _planning_flags),
         ("run, logging and checkpoints", _run_flags),
         ("fault tolerance", _fault_tolerance_flags),
+        ("adaptive batch size (AdAdaGrad's tests)", add_adaptive_batch_flags),
     ):
         add_flags(p.add_argument_group(title))
     return p

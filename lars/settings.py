@@ -23,13 +23,17 @@ GROUPS = {
     "hardware": "backend fp16_allreduce use_adasum no_cuda threads stall_timeout",
     "run": "seed log_dir log_interval progress resume keep_checkpoints checkpoint_every_steps "
     "deterministic nonfinite max_nonfinite dry_run config allow_change evaluate",
+    # the adaptive batch (lars.adaptive.flags); with test_type none, not part of the identity
+    "adaptive": "test_type eta theta nu test_interval max_batch_size max_micro_batch_size "
+    "max_batches_per_allreduce batch_growth_order batch_test_estimator batch_test_inner_products "
+    "per_sample_samples per_sample_chunk batch_test_ema batch_lr_policy",
 }
 GROUP_CLASSES = {
     group: make_dataclass(f"{group.title()}Settings", names.split(), frozen=True)
     for group, names in GROUPS.items()
 }
 DataSettings, ModelSettings, BatchSettings, OptimizerSettings = list(GROUP_CLASSES.values())[:4]
-ScheduleSettings, HardwareSettings, RunSettings = list(GROUP_CLASSES.values())[4:]
+ScheduleSettings, HardwareSettings, RunSettings, AdaptiveSettings = list(GROUP_CLASSES.values())[4:]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Settings:
     schedule: ScheduleSettings
     hardware: HardwareSettings
     run: RunSettings
+    adaptive: AdaptiveSettings
 
     @classmethod
     def from_flat(cls, values: dict) -> Settings:

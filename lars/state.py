@@ -23,6 +23,8 @@ class TrainState:
     # first; `changed_now` holds this start's, to report (not saved twice).
     changes: list = field(default_factory=list)
     changed_now: list = field(default_factory=list, compare=False)
+    # The adaptive batch's checkpoint part ({"state", "estimator"}; lars.adaptive.run), as read.
+    adaptive_batch: dict | None = field(default=None, compare=False)
 
     def step_in_epoch(self, plan) -> int:
         return self.step - self.epoch * plan.steps_per_epoch
@@ -40,7 +42,8 @@ class TrainState:
 
     @classmethod
     def from_payload(cls, payload: dict, plan) -> TrainState:
-        """The state a checkpoint holds; ResumeError when it cannot continue under `plan`."""
+        """The state a checkpoint holds; ResumeError when it cannot continue under `plan`.
+        An adaptive-batch run's "global_batch_size" is its start batch (its plan's)."""
         if payload["global_batch_size"] != plan.global_batch_size:
             raise ResumeError(
                 f"--resume: the checkpoint was made with global batch "
@@ -53,4 +56,5 @@ class TrainState:
             nonfinite_total=payload.get("nonfinite_steps", 0),
             last_validation=payload.get("last_validation", payload.get("final")),
             changes=list(payload.get("changes", [])),
+            adaptive_batch=payload.get("adaptive_batch"),
         )

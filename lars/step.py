@@ -9,6 +9,10 @@ check finite                   the same verdict on every rank (the gradients are
 step                           without a second synchronisation; fp16: GradScaler.step
 schedule, zero_grad
 
+With an adaptive batch (`ctx.batch_test`, lars.adaptive.run) the estimator begins before the
+first micro-batch, sees each incoming micro-batch gradient through tensor hooks, and finishes
+after unscaling, before clipping; it never changes a gradient.
+
 A skipped step (non-finite gradients, or GradScaler's overflow skip under fp16) is a step taken
 without an update: the LR schedule, the optimizer's step count t (TVLARS's phi, LAMB's and
 Adam's bias correction) and the trainer's step counter all advance by one, and the weights and
@@ -47,6 +51,7 @@ class StepContext:
     channels_last: bool = False
     clip_grad_norm: float | None = None
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. uint8 -> normalised
+    batch_test: object | None = None  # lars.adaptive.run.AdaptiveBatch (None: a fixed batch)
 
 
 def _inputs(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
@@ -87,7 +92,9 @@ def advance_step_counts(optimizer, skipped: bool | torch.Tensor) -> None:
 def optimizer_step(ctx: StepContext, batches, meter, bad_paths: list) -> bool:
     """Consume k micro-batches from `batches` and make one optimizer step (see the module
     docstring). Returns False when the step was skipped for non-finite gradients."""
-    k, model = ctx.batches_per_allreduce, ctx.model
+    k, model, test = ctx.batches_per_allreduce, ctx.model, ctx.batch_test
+    if test is not None:  # the adaptive batch's estimator sees this step's k micro-batches
+        test.begin(ctx)
     for i, (images, labels, bad) in enumerate(islice(batches, k)):
         bad_paths += bad
         with ctx.dist.micro_batch(model, last=i == k - 1):  # DDP: no_sync() but for the last
@@ -96,6 +103,8 @@ def optimizer_step(ctx: StepContext, batches, meter, bad_paths: list) -> bool:
                 loss.backward()
                 continue
             images, labels = _inputs(ctx, images, labels)
+            if test is not None:
+                test.keep(images, labels)
             with torch.autocast(
                 ctx.device.type,
                 dtype=ctx.amp_dtype or torch.float32,
@@ -111,6 +120,8 @@ def optimizer_step(ctx: StepContext, batches, meter, bad_paths: list) -> bool:
     dist.synchronize(optimizer)
     if ctx.scaler is not None:
         ctx.scaler.unscale_(optimizer)
+    if test is not None:  # the test's statistics, from the averaged, unscaled gradients
+        test.finish(ctx)
     if ctx.clip_grad_norm:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, ctx.clip_grad_norm)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lars.adaptive.run import AdaptiveBatch
 from lars.build import (
     build_datasets,
     build_loaders,
@@ -65,6 +66,7 @@ class Parts:
     reporter: Reporter
     watchdog: Watchdog
     preemption: object  # lars.signals.PreemptionHandler
+    batch: AdaptiveBatch | None = None  # --test-type: the growing batch (None: a fixed batch)
 
 
 def run(settings: Settings) -> dict | None:
@@ -121,9 +123,13 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     )
     where = lambda: f"on rank {dist.rank} at step {state.step}"  # noqa: E731
     watchdog = Watchdog(hw.stall_timeout, where)
+    step.batch_test = batch = AdaptiveBatch.build(settings, plan, model, step.loss_fn)
     parts = Parts(
-        settings, plan, dist, device, data, model, groups, step, reporter, watchdog, preemption
-    )
+        settings, plan, dist, device, data, model, groups, step, reporter, watchdog, preemption,
+        batch,
+    )  # fmt: skip
+    if batch is not None:  # the checkpoint's geometry, LR and position in the epoch
+        batch.restore(parts, state)
     return parts, state
 
 
@@ -147,6 +153,7 @@ def save(parts: Parts, state: TrainState) -> None:
         "rng": rng_states(),
         "config": {k: v for k, v in parts.settings.flat().items() if isinstance(v, scalars)},
         "fingerprint": fingerprint(identity(parts.settings, parts.plan)),
+        **(parts.batch.payload() if parts.batch else {}),
     }
     run = parts.settings.run
     save_checkpoint(payload, run.log_dir, state.step, run.keep_checkpoints)
@@ -182,6 +189,8 @@ def describe(parts: Parts, state: TrainState) -> None:
         f"of {s.optimizer.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
         f"steps, {plan.warmup_steps} warm-up steps, schedule {s.schedule.schedule}"
     )
+    for line in parts.batch.describe() if parts.batch else ():
+        r.print(line)
     r.print(f"parameter groups: {describe_split(s)}")
     r.print(param_group_summary(parts.model, parts.groups))
     if state.step:
@@ -207,10 +216,8 @@ def log_train(parts: Parts, state: TrainState, meter: TrainMeter, steps: int, se
     if parts.dist.rank != 0:
         return
     optimizer, names = parts.step.optimizer, {id(p): n for n, p in parts.model.named_parameters()}
-    lr, rate = (
-        optimizer.param_groups[0]["lr"],
-        steps * parts.plan.global_batch_size / max(seconds, 1e-9),
-    )
+    batch = (parts.batch.plan if parts.batch else parts.plan).global_batch_size
+    lr, rate = optimizer.param_groups[0]["lr"], steps * batch / max(seconds, 1e-9)
     values = {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": lr}
     values["train/images_per_sec"] = rate
     trust = getattr(optimizer, "last_trust_ratios", None)
@@ -220,7 +227,7 @@ def log_train(parts: Parts, state: TrainState, meter: TrainMeter, steps: int, se
     if phi is not None:
         values["tvlars/phi"] = float(phi)
     parts.reporter.scalars(values, state.step)
-    eta = _eta(parts, state, rate / parts.plan.global_batch_size)
+    eta = _eta(parts, state, rate / batch)
     parts.reporter.print(
         f"epoch {state.epoch + 1}/{parts.plan.epochs} step {state.step}/"
         f"{parts.plan.total_steps}: loss {stats['loss']:.4f} top1 {stats['top1']:.2f}% "
@@ -309,20 +316,30 @@ def _show_progress(parts: Parts, state: TrainState, started: float, first_step: 
         )
 
 
+def _finished(parts: Parts, state: TrainState) -> bool:
+    """The plan's last step (an adaptive batch: --epochs epochs of samples, or --max-steps)."""
+    return parts.batch.finished(state) if parts.batch else state.step >= parts.plan.last_step
+
+
 def train_one_epoch(parts: Parts, state: TrainState, meter: TrainMeter, stop) -> bool:
     """Train until the epoch ends, the plan's last step, or an agreed stop; True on a stop."""
-    plan, run = parts.plan, parts.settings.run
+    plan, run, batch = parts.plan, parts.settings.run, parts.batch
     done = state.step_in_epoch(plan)
     sampler = parts.data.train_sampler
     sampler.set_epoch(state.epoch)
-    sampler.skip_samples = done * plan.samples_per_rank_per_step  # resume inside the epoch
+    # resume inside the epoch (an adaptive batch counts the epoch's samples, not its steps)
+    sampler.skip_samples = batch.epoch_offset() if batch else done * plan.samples_per_rank_per_step
     batches, bad_paths = iter(parts.data.train), []
     tick = started = time.perf_counter()
     tick_step = first_step = state.step
     stopped = False
-    for _ in range(done, plan.steps_per_epoch):
+    while batch.step_fits(sampler) if batch else done < plan.steps_per_epoch:
+        if batch is not None:
+            batch.before_step(state.step)
         finite = optimizer_step(parts.step, batches, meter, bad_paths)
-        state.step += 1
+        state.step, done = state.step + 1, done + 1
+        if batch is not None and batch.after_step(parts, state):
+            batches = iter(parts.data.train)  # a new micro-batch, from this rank's offset
         parts.watchdog.kick()
         check_strict_data(parts, bad_paths)
         _show_progress(parts, state, started, first_step)
@@ -334,7 +351,7 @@ def train_one_epoch(parts: Parts, state: TrainState, meter: TrainMeter, stop) ->
         if run.checkpoint_every_steps and state.step % run.checkpoint_every_steps == 0:
             save(parts, state)
         stopped = stop.after_step()
-        if stopped or state.step >= plan.last_step:
+        if stopped or _finished(parts, state):
             break
     if state.step != tick_step:  # the steps since the last train log
         log_train(parts, state, meter, state.step - tick_step, time.perf_counter() - tick)
@@ -346,7 +363,8 @@ def finish_epoch(parts: Parts, state: TrainState) -> None:
     """After an epoch (or the last step): validate, move to the next epoch, checkpoint."""
     metrics = validate(parts, state)
     state.last_validation = {"epoch": state.epoch + 1, "step": state.step, **metrics}
-    if state.step % parts.plan.steps_per_epoch == 0:
+    batch, sampler = parts.batch, parts.data.train_sampler
+    if batch.end_epoch(sampler) if batch else state.step % parts.plan.steps_per_epoch == 0:
         state.epoch += 1
     save(parts, state)
 
@@ -361,10 +379,10 @@ def _preempted(parts: Parts, state: TrainState, saved: bool) -> Preempted:
 
 def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=finish_epoch):
     """Train from `state` to the plan's last step; the last validation's metrics."""
-    plan, reporter, settings = parts.plan, parts.reporter, parts.settings
+    reporter, settings = parts.reporter, parts.settings
     describe(parts, state)
     reporter.save_config(run_config(parts, state))
-    if state.step >= plan.last_step:
+    if _finished(parts, state):
         reporter.print(
             f"nothing to do: the checkpoint in {settings.run.log_dir} is at step {state.step}; "
             + describe_validation(state.last_validation)
@@ -377,7 +395,7 @@ def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=
     parts.model.train()
     parts.watchdog.start()
     try:
-        while state.step < plan.last_step:
+        while not _finished(parts, state):
             if train_epoch(parts, state, meter, stop):
                 stop.drain()
                 save(parts, state)

@@ -116,6 +116,7 @@ class BatchState:
     world_size: int
     start_batch: int
     samples_seen: int = 0
+    epoch_samples: int = 0  # samples of the current epoch used (all ranks)
     tests: int = 0  # tests taken
     lr_factor: float = 1.0
     last: dict = field(default_factory=dict)  # the last test's moments and b_new
