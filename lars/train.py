@@ -208,6 +208,9 @@ def describe(parts: Parts, state: TrainState) -> None:
 
 
 def _eta(parts: Parts, state: TrainState, steps_per_second: float) -> float:
+    if parts.batch:  # a growing batch: the samples left at the current batch's rate
+        rate = steps_per_second * parts.batch.plan.global_batch_size
+        return parts.batch.samples_left() / max(rate, 1e-9)
     return (parts.plan.last_step - state.step) / max(steps_per_second, 1e-9)
 
 

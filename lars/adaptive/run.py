@@ -196,6 +196,13 @@ class AdaptiveBatch:
         self.state.epoch_samples = 0
         return True
 
+    def samples_left(self) -> int:
+        """Samples to the end of the budget (of --epochs; --max-steps aside), roughly: an
+        epoch at a larger batch drops a larger remainder."""
+        return max(
+            0, self.start.total_steps * self.start.global_batch_size - self.state.samples_seen
+        )
+
     def finished(self, state) -> bool:
         max_steps = self.settings.schedule.max_steps
         return state.epoch >= self.start.epochs or bool(max_steps and state.step >= max_steps)
