@@ -21,7 +21,9 @@ def _defaults(optimizer, keys):
 
 
 def test_names():
-    assert OPTIMIZERS == ("lars", "tvlars", "lamb", "sgd", "adam", "adamw", "adagrad", "rmsprop")
+    assert OPTIMIZERS == (
+        "lars", "tvlars", "lamb", "sgd", "adam", "adamw", "adagrad", "adagradnorm", "rmsprop"
+    )  # fmt: skip
     assert set(HYPERPARAMETERS) == set(OPTIMIZERS)
 
 
@@ -51,6 +53,16 @@ def test_lars():
     optimizer = build_optimizer("lars", _params(), **hyper)
     assert type(optimizer) is LARS
     assert _defaults(optimizer, hyper) == hyper
+
+
+def test_adagradnorm():
+    from lars.optim import AdaGradNorm
+
+    hyper = dict(lr=0.5, weight_decay=1e-4)
+    optimizer = build_optimizer("adagradnorm", _params(), **hyper, momentum=0.9)
+    assert type(optimizer) is AdaGradNorm
+    assert _defaults(optimizer, hyper) == hyper
+    assert unused_hyperparameters("adagradnorm", dict(momentum=0.9)) == ["momentum"]
 
 
 def test_tvlars():
