@@ -5,8 +5,10 @@
 - :mod:`.micro_batch`: the nearly free estimator from the micro-batch gradients training computes.
 - :mod:`.per_sample`: the reference's estimator, per-sample gradients with ``torch.func``.
 - :mod:`.policy`: growth of (micro-batch, batches-per-allreduce), LR policies, the batch state.
+- :mod:`.flags`: the trainer's flags, their checks, the policy in words (``--dry-run``).
+- :mod:`.run`: ``AdaptiveBatch``, what the training loop calls before, inside and after a step.
 
-How the training loop uses them: docs/adaptive-batch.md.
+How the trainer runs them: docs/adaptive-batch.md, "In the trainer".
 """
 
 from .micro_batch import INNER_PRODUCT_MODES, MicroBatchEstimator, micro_batch_moments

@@ -44,6 +44,9 @@ def largest_plan(settings, plan):
 
 
 class AdaptiveBatch:
+    """One run's adaptive batch: the controller (state, caps, test), the estimator, and the
+    current plan (`plan`; `start` is the start's, the run's identity and schedule unit)."""
+
     def __init__(self, settings, start_plan, controller, estimator, per_sample) -> None:
         self.settings, self.start, self.plan = settings, start_plan, start_plan
         self.controller, self.estimator, self.per_sample = controller, estimator, per_sample
