@@ -18,43 +18,21 @@ from lars.settings import Settings
 
 # Defaults that differ between the embedded sample set (no --train-dir) and real data. The sample
 # run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
-# command line (Goyal et al. 2017 / LARS-ImageNet).
-SAMPLE_DEFAULTS = dict(
-    model="resnet18_small",
-    image_size=32,
-    epochs=4,
-    batch_size=32,
-    val_batch_size=128,
-    min_crop_scale=0.35,
-    hflip=False,
-    warmup_epochs=0.5,
-    label_smoothing=0.0,
-    val_crop_ratio=1.0,
-)
-IMAGENET_DEFAULTS = dict(
-    model="resnet50",
-    image_size=224,
-    epochs=90,
-    batch_size=32,
-    val_batch_size=32,
-    min_crop_scale=0.08,
-    hflip=True,
-    warmup_epochs=5.0,
-    label_smoothing=0.1,
-    val_crop_ratio=0.875,
-)
-# CIFAR-10/100 (32 px) and Tiny ImageNet (64 px): the small-image ResNet, images at native size.
-SMALL_IMAGE_DEFAULTS = dict(
-    model="resnet18_small",
-    epochs=90,
-    batch_size=128,
-    val_batch_size=256,
-    min_crop_scale=0.35,
-    hflip=True,
-    warmup_epochs=5.0,
-    label_smoothing=0.1,
-    val_crop_ratio=1.0,
-)
+# command line (Goyal et al. 2017 / LARS-ImageNet). CIFAR-10/100 (32 px) and Tiny ImageNet
+# (64 px): the small-image ResNet, images at native size (NATIVE_IMAGE_SIZE).
+_DATASET_DEFAULTS = (
+    "model epochs batch_size val_batch_size min_crop_scale hflip warmup_epochs label_smoothing "
+    "val_crop_ratio image_size"
+).split()
+
+
+def _defaults(*values) -> dict:
+    return dict(zip(_DATASET_DEFAULTS, values))
+
+
+SAMPLE_DEFAULTS = _defaults("resnet18_small", 4, 32, 128, 0.35, False, 0.5, 0.0, 1.0, 32)
+IMAGENET_DEFAULTS = _defaults("resnet50", 90, 32, 32, 0.08, True, 5.0, 0.1, 0.875, 224)
+SMALL_IMAGE_DEFAULTS = _defaults("resnet18_small", 90, 128, 256, 0.35, True, 5.0, 0.1, 1.0)
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 
 
