@@ -27,26 +27,14 @@ import torch
 
 from lars.errors import BackendError
 
-_RANK_VARIABLES = (
-    "OMPI_COMM_WORLD_RANK",
-    "PMI_RANK",
-    "PMIX_RANK",
-    "HOROVOD_RANK",
-    "RANK",
-    "SLURM_PROCID",
-)
-_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE", "WORLD_SIZE", "SLURM_NTASKS")
+# Rank and size as each launcher sets them (Open MPI, PMI, PMIx, Horovod, SLURM); the first wins.
+_RANK_VARIABLES = "OMPI_COMM_WORLD_RANK PMI_RANK PMIX_RANK HOROVOD_RANK RANK SLURM_PROCID".split()
+_SIZE_VARIABLES = "OMPI_COMM_WORLD_SIZE PMI_SIZE HOROVOD_SIZE WORLD_SIZE SLURM_NTASKS".split()
 _LOCAL_RANK_VARIABLES = (
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MPI_LOCALRANKID",
-    "LOCAL_RANK",
-    "SLURM_LOCALID",
+    "OMPI_COMM_WORLD_LOCAL_RANK MPI_LOCALRANKID LOCAL_RANK SLURM_LOCALID".split()
 )
 _LOCAL_SIZE_VARIABLES = (
-    "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MPI_LOCALNRANKS",
-    "LOCAL_WORLD_SIZE",
-    "SLURM_NTASKS_PER_NODE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE MPI_LOCALNRANKS LOCAL_WORLD_SIZE SLURM_NTASKS_PER_NODE".split()
 )
 BACKENDS = ("auto", "horovod", "torch")
 
@@ -251,13 +239,7 @@ class TorchBackend(LocalBackend):
 
     name = "torch"
 
-    def __init__(
-        self,
-        cuda: bool,
-        stall_timeout: float | None = None,
-        fp16_allreduce: bool = False,
-        adasum: bool = False,
-    ) -> None:
+    def __init__(self, cuda: bool, stall_timeout=None, fp16_allreduce=False, adasum=False) -> None:
         if adasum:
             raise BackendError("--use-adasum needs --backend horovod")
         import torch.distributed as dist
@@ -345,12 +327,8 @@ def horovod_available() -> bool:
 
 
 def init_distributed(
-    backend: str = "auto",
-    cuda: bool = False,
-    stall_timeout: float | None = None,
-    fp16_allreduce: bool = False,
-    adasum: bool = False,
-):
+    backend="auto", cuda=False, stall_timeout=None, fp16_allreduce=False, adasum=False
+) -> LocalBackend:
     """The backend asked for; `auto` is Horovod when it imports, else torch.distributed when
     launched with several ranks (with a notice), else a single process. BackendError when the
     one asked for is missing or cannot do what is asked."""
