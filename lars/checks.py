@@ -123,11 +123,7 @@ def _flag_name(dest: str) -> str:
 def _named(dest: str, values: dict, defaulted=frozenset()) -> str:
     """'--epochs 1' for a value the user gave, 'the default --epochs 90' for one they did not."""
     value = values[dest]
-    shown = (
-        f"{_flag_name(dest)} {value:g}"
-        if isinstance(value, float)
-        else f"{_flag_name(dest)} {value}"
-    )
+    shown = f"{_flag_name(dest)} {value:{'g' if isinstance(value, float) else ''}}"
     return f"the default {shown}" if dest in defaulted else shown
 
 

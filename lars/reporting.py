@@ -16,18 +16,14 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    found = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-    }
     try:
-        import horovod
-
-        found["horovod"] = horovod.__version__
+        from horovod import __version__ as horovod
     except ImportError:
-        found["horovod"] = "not installed"
-    return found
+        horovod = "not installed"
+    python = platform.python_version()
+    return dict(
+        python=python, torch=torch.__version__, torchvision=torchvision.__version__, horovod=horovod
+    )
 
 
 class Reporter:
@@ -50,10 +46,8 @@ class Reporter:
         # A live progress bar on a terminal; in log files the periodic lines suffice. Under
         # mpirun or srun a rank's stdout is a pseudo-terminal even when the job's output goes to
         # a file, so "auto" shows the bar only to a process that no MPI launcher started.
-        under_launcher = any(
-            v in os.environ
-            for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
-        )
+        launchers = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+        under_launcher = any(v in os.environ for v in launchers)
         self.live = enabled and (
             progress == "bar" or (progress == "auto" and sys.stdout.isatty() and not under_launcher)
         )
@@ -66,16 +60,8 @@ class Reporter:
                 self._bar_shown = False
             print(*parts, flush=True)
 
-    def progress(
-        self,
-        epoch: int,
-        epochs: int,
-        step: int,
-        total: int,
-        images_per_sec: float,
-        eta_seconds: float,
-    ) -> None:
-        """Redraw the one-line progress bar (terminal only)."""
+    def progress(self, epoch, epochs, step, total, images_per_sec: float, eta_seconds: float):
+        """Redraw the one-line progress bar (terminal only): epoch of epochs, step of total."""
         if not self.live:
             return
         width = 30
@@ -92,10 +78,8 @@ class Reporter:
         """The run's settings and final metrics for TensorBoard's HParams tab."""
         if self.writer is None:
             return
-        clean = {
-            k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in hyperparameters.items()
-        }
+        plain = (int, float, str, bool)
+        clean = {k: v if isinstance(v, plain) else str(v) for k, v in hyperparameters.items()}
         self.writer.add_hparams(clean, metrics, run_name=".")
 
     def scalars(self, values: dict[str, float], step: int) -> None:

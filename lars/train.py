@@ -207,10 +207,8 @@ def log_train(parts: Parts, state: TrainState, meter: TrainMeter, steps: int, se
     if parts.dist.rank != 0:
         return
     optimizer, names = parts.step.optimizer, {id(p): n for n, p in parts.model.named_parameters()}
-    lr, rate = (
-        optimizer.param_groups[0]["lr"],
-        steps * parts.plan.global_batch_size / max(seconds, 1e-9),
-    )
+    lr = optimizer.param_groups[0]["lr"]
+    rate = steps * parts.plan.global_batch_size / max(seconds, 1e-9)
     values = {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": lr}
     values["train/images_per_sec"] = rate
     trust = getattr(optimizer, "last_trust_ratios", None)
@@ -298,14 +296,10 @@ def skip_or_abort_nonfinite(parts: Parts, state: TrainState, finite: bool) -> No
 def _show_progress(parts: Parts, state: TrainState, started: float, first_step: int) -> None:
     if parts.reporter.live:
         rate = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
-        plan = parts.plan
+        plan, eta = parts.plan, _eta(parts, state, rate)
+        images_per_sec = rate * plan.global_batch_size
         parts.reporter.progress(
-            state.epoch + 1,
-            plan.epochs,
-            state.step,
-            plan.total_steps,
-            rate * plan.global_batch_size,
-            _eta(parts, state, rate),
+            state.epoch + 1, plan.epochs, state.step, plan.total_steps, images_per_sec, eta
         )
 
 
