@@ -74,13 +74,9 @@ def build_model(settings, num_classes: int, device: torch.device | None = None) 
 def build_optimizer(settings, model: torch.nn.Module, plan):
     """(optimizer, groups): --base-op over one group, or (--bn-bias-separately) the decayed and
     adapted weights plus a group of biases and normalisation parameters without either."""
-    opt = settings.optimizer
-    if opt.bn_bias_separately:
-        groups = param_groups(model, opt.wd)
-    else:
-        groups = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": opt.wd}
-        ]
+    opt, trained = settings.optimizer, [p for p in model.parameters() if p.requires_grad]
+    one_group = [{"params": trained, "weight_decay": opt.wd}]
+    groups = param_groups(model, opt.wd) if opt.bn_bias_separately else one_group
     spec = OPTIMIZER_SPECS[opt.base_op]
     hyper = {FLAG_TO_HYPERPARAMETER[flag]: getattr(opt, flag) for flag in spec.flags}
     if "delay_steps" in hyper:  # TVLARS: lambda and d_e (steps) as the plan resolved them
@@ -90,8 +86,6 @@ def build_optimizer(settings, model: torch.nn.Module, plan):
 
 def describe_split(settings) -> str:
     """Which parameter groups the run's optimizer gets, and which setting decided it."""
-    from lars.factory import OPTIMIZER_SPECS
-
     opt = settings.optimizer
     recommended = OPTIMIZER_SPECS[opt.base_op].bn_bias_separately
     if opt.bn_bias_separately:

@@ -80,14 +80,8 @@ class RunPlan(BatchGeometry):
 
     def replan(self, settings, micro_batch: int, batches_per_allreduce: int) -> RunPlan:
         """The plan of the same run with another batch geometry (call between steps)."""
-        return plan_run(
-            settings,
-            self.world_size,
-            self.train_images,
-            self.val_images,
-            micro_batch=micro_batch,
-            batches_per_allreduce=batches_per_allreduce,
-        )
+        sizes = self.world_size, self.train_images, self.val_images
+        return plan_run(settings, *sizes, micro_batch, batches_per_allreduce)
 
 
 def plan_run(

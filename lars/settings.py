@@ -3,7 +3,7 @@
 Each group is a frozen dataclass whose fields are flags' argparse names (their meaning, units and
 defaults are in each flag's help). `Settings.from_flat` and `Settings.flat` convert to and from
 the flat {flag: value} mapping that config.json, TensorBoard's hparams and a run fingerprint
-record; a new flag is one `add_argument` in `lars.config` and one name below.
+record; a new flag is one row in `lars.flags` and one name below.
 """
 
 from __future__ import annotations

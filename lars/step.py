@@ -96,11 +96,8 @@ def optimizer_step(ctx: StepContext, batches, meter, bad_paths: list) -> bool:
                 loss.backward()
                 continue
             images, labels = _inputs(ctx, images, labels)
-            with torch.autocast(
-                ctx.device.type,
-                dtype=ctx.amp_dtype or torch.float32,
-                enabled=ctx.amp_dtype is not None,
-            ):
+            amp = ctx.amp_dtype is not None
+            with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32, enabled=amp):
                 output = model(images)
                 loss = ctx.loss_fn(output, labels)
             scaled = loss / k
