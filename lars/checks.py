@@ -64,23 +64,17 @@ Check = Callable[[str, Any], Any]
 
 # Optimizer keyword arguments (lars.factory's names).
 HYPERPARAMETER_CHECKS: dict[str, Check] = {
-    "lr": non_negative,
+    **dict.fromkeys(
+        "lr weight_decay eps lmbda min_scale lr_decay initial_accumulator_value".split(),
+        non_negative,
+    ),
+    **dict.fromkeys(("nesterov", "amsgrad", "centered"), flag),
+    **dict.fromkeys(("dampening", "rmsprop_alpha"), unit_interval_closed),
     "momentum": unit_interval_open,
-    "weight_decay": non_negative,
+    "betas": betas,
     "trust_coefficient": positive,
-    "eps": non_negative,
-    "nesterov": flag,
-    "lmbda": non_negative,
     "alpha": positive,  # TVLARS: phi <= 1 / alpha + min_scale, so alpha = 0 is unbounded
     "delay_steps": non_negative,  # optimizer steps; phi is continuous, so a fraction is fine
-    "min_scale": non_negative,
-    "betas": betas,
-    "dampening": unit_interval_closed,
-    "amsgrad": flag,
-    "lr_decay": non_negative,
-    "initial_accumulator_value": non_negative,
-    "rmsprop_alpha": unit_interval_closed,
-    "centered": flag,
     "variant": text,  # the class checks the name against its VARIANTS
 }
 
