@@ -44,8 +44,7 @@ _data_flags = _rows(
         "cifar-100-python.tar.gz or tiny-imagenet-200.zip (or what they extract to)"),
     ("--val-crop-ratio", FLOAT, "validation: resize to image-size / ratio, centre-crop "
         "image-size (0.875; 1.0 for the 32-64 px datasets)"),
-    ("--synthetic", SWITCH,
-        "random tensors of ImageNet shape instead of files (throughput runs)"),
+    ("--synthetic", SWITCH, "random tensors of ImageNet shape instead of files (throughput runs)"),
     ("--image-size", INT, "training crop, pixels (224; sample set: 32)"),
     ("--min-crop-scale", FLOAT,
         "RandomResizedCrop's smallest area fraction (0.08; sample set: 0.35)"),
