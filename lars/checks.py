@@ -260,16 +260,12 @@ def _without_data(values: dict) -> bool:
 
 def check_data_flags(values: dict) -> None:
     """Which data flags go together; run before the dataset's defaults are chosen."""
-    archive = values["dataset"] not in FOLDER_DATASETS
+    dataset, archive = values["dataset"], values["dataset"] not in FOLDER_DATASETS
     train_dir, val_dir, data_dir = values["train_dir"], values["val_dir"], values["data_dir"]
     if archive and (train_dir or val_dir):
-        raise SettingError(
-            f"--dataset {values['dataset']} reads --data-dir; drop --train-dir/--val-dir"
-        )
+        raise SettingError(f"--dataset {dataset} reads --data-dir; drop --train-dir/--val-dir")
     if archive and not data_dir:
-        raise SettingError(
-            f"--dataset {values['dataset']} needs --data-dir (the folder holding its archive)"
-        )
+        raise SettingError(f"--dataset {dataset} needs --data-dir (the folder holding its archive)")
     if archive and not os.path.isdir(data_dir) and not _without_data(values):
         raise SettingError(f"--data-dir {data_dir!r} is not a directory")
     if not archive and data_dir:

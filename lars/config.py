@@ -118,9 +118,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     except OSError as error:
         raise SettingError(f"--config {path!r}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise SettingError(
-            f"--config {path!r} is not valid YAML: {str(error).splitlines()[0]}"
-        ) from None
+        first = str(error).splitlines()[0]
+        raise SettingError(f"--config {path!r} is not valid YAML: {first}") from None
     if not isinstance(values, dict):
         raise SettingError(f"--config {path!r} must hold a mapping of option names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}

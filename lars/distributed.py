@@ -127,9 +127,7 @@ class HorovodBackend(LocalBackend):
 
     name = "horovod"
 
-    def __init__(
-        self, stall_timeout: float | None = None, fp16_allreduce: bool = False, adasum: bool = False
-    ) -> None:
+    def __init__(self, stall_timeout=None, fp16_allreduce=False, adasum=False) -> None:
         self.fp16_allreduce, self.adasum = fp16_allreduce, adasum
         if stall_timeout:
             # Horovod's coordinator warns about ranks that submit different collectives and,

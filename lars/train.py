@@ -119,8 +119,7 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
         purge_step=state.step + 1 if state.step else None,
         progress=settings.run.progress,
     )
-    where = lambda: f"on rank {dist.rank} at step {state.step}"  # noqa: E731
-    watchdog = Watchdog(hw.stall_timeout, where)
+    watchdog = Watchdog(hw.stall_timeout, lambda: f"on rank {dist.rank} at step {state.step}")
     parts = Parts(
         settings, plan, dist, device, data, model, groups, step, reporter, watchdog, preemption
     )
