@@ -88,13 +88,12 @@ def describe_split(settings) -> str:
     """Which parameter groups the run's optimizer gets, and which setting decided it."""
     opt = settings.optimizer
     recommended = OPTIMIZER_SPECS[opt.base_op].bn_bias_separately
+    why = f"the default for {opt.base_op}" if recommended == opt.bn_bias_separately else "asked for"
     if opt.bn_bias_separately:
-        why = f"the default for {opt.base_op}" if recommended else "asked for"
         return (
             f"biases, normalisation and other vectors without weight decay and layer "
             f"adaptation (--bn-bias-separately, {why}; --no-bn-bias-separately: one group)"
         )
-    why = "asked for" if recommended else f"the default for {opt.base_op}"
     return f"one group (--no-bn-bias-separately, {why}; --bn-bias-separately splits them)"
 
 

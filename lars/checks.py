@@ -191,9 +191,7 @@ def _check_optimizer(values: dict) -> None:
         )
 
 
-# Horovod's Adasum optimizer makes each parameter's update inside the backward pass (its hook
-# runs the local optimizer step, then reduces the update), so nothing can come between the
-# gradient and the update.
+# Nothing can come between Adasum's gradients and its update (lars.step's docstring).
 _ADASUM_WHY = "Horovod's Adasum applies each update inside the backward pass"
 
 

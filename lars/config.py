@@ -52,12 +52,7 @@ def _dataset_defaults(values: dict) -> dict:
 def _optimizer_defaults(spec, values: dict) -> dict:
     """The optimizer record's defaults: its rate, schedule, split and variant (whose own
     defaults, e.g. TVLARS's alpha, the settings then hold as values)."""
-    defaults = {
-        "base_lr": spec.base_lr,
-        "schedule": spec.schedule,
-        "lr_power": spec.lr_power,
-        "bn_bias_separately": spec.bn_bias_separately,
-    }
+    defaults = {k: getattr(spec, k) for k in "base_lr schedule lr_power bn_bias_separately".split()}
     if spec.warmup_epochs is not None:
         defaults["warmup_epochs"] = spec.warmup_epochs
     if spec.variants:

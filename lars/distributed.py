@@ -199,10 +199,7 @@ class HorovodBackend(LocalBackend):
         return int(bad) == 0
 
     def step(self, optimizer) -> None:
-        if self.adasum:  # Horovod's Adasum cannot skip its own synchronisation
-            optimizer.step()
-            return
-        with optimizer.skip_synchronize():
+        with self.skip_synchronize(optimizer):  # Adasum cannot skip its own synchronisation
             optimizer.step()
 
     def skip_synchronize(self, optimizer):

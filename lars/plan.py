@@ -129,6 +129,7 @@ def plan_run(
 
 TV_HOLD_FRACTION = 0.1  # the default TVLARS run holds phi >= 0.99 / alpha for this part
 TV_HOLD_LEVEL = 0.99  # ... and ends at (1 - TV_HOLD_LEVEL) / alpha
+_TV_RATIO = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)  # 99
 PAPER_LMBDA = 0.001  # the authors' default lambda, per step (github.com/KhoiDOO/tvlars)
 
 
@@ -156,19 +157,15 @@ def tvlars_phi_parameters(
         )
         return (PAPER_LMBDA if lmbda is None else lmbda), delay
     hold = max(1, round(TV_HOLD_FRACTION * total))
-    ratio = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)  # 99
-    auto_lmbda = 2.0 * math.log(ratio) / max(total - hold, 1)
+    auto_lmbda = 2.0 * math.log(_TV_RATIO) / max(total - hold, 1)
     # d_e >= 0 (the optimizer's range): for alpha > 99 the hold would need a negative delay.
-    return auto_lmbda, max(0.0, hold + math.log(ratio / alpha) / auto_lmbda)
+    return auto_lmbda, max(0.0, hold + math.log(_TV_RATIO / alpha) / auto_lmbda)
 
 
 def tvlars_hold_end(lmbda: float, delay_steps: float, alpha: float) -> float:
     """The step t at which phi falls to 0.99 of its plateau 1 / alpha (gamma_min aside):
     1 / (alpha + exp(lambda (t - d_e))) = 0.99 / alpha; inf when lambda is 0 (no decay)."""
-    if lmbda <= 0:
-        return math.inf
-    ratio = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)
-    return delay_steps - math.log(ratio / alpha) / lmbda
+    return delay_steps - math.log(_TV_RATIO / alpha) / lmbda if lmbda > 0 else math.inf
 
 
 def default_log_dir(settings, world_size: int) -> str:

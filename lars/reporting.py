@@ -32,9 +32,7 @@ class Reporter:
     def __init__(
         self, log_dir: str, enabled: bool, purge_step: int | None = None, progress: str = "auto"
     ) -> None:
-        self.enabled = enabled
-        self.log_dir = Path(log_dir)
-        self.writer = None
+        self.enabled, self.log_dir, self.writer = enabled, Path(log_dir), None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -94,7 +94,7 @@ def configure_torch(settings: Settings, dist, cuda: bool) -> torch.device:
 
 def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     """Every part of the run, and the state to continue from (restored from a checkpoint)."""
-    hw = settings.hardware
+    hw, run = settings.hardware, settings.run
     cuda = torch.cuda.is_available() and not hw.no_cuda
     # The data is checked before the distributed runtime starts: bad input costs nothing.
     found = build_datasets(settings, quiet=launched_rank() != 0)
@@ -113,11 +113,9 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
         settings, plan, dist, device, model, optimizer, scheduler, scaler, data.uint8
     )
     # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
+    purge = state.step + 1 if state.step else None
     reporter = Reporter(
-        settings.run.log_dir,
-        enabled=dist.rank == 0,
-        purge_step=state.step + 1 if state.step else None,
-        progress=settings.run.progress,
+        run.log_dir, enabled=dist.rank == 0, purge_step=purge, progress=run.progress
     )
     watchdog = Watchdog(hw.stall_timeout, lambda: f"on rank {dist.rank} at step {state.step}")
     parts = Parts(
