@@ -65,10 +65,8 @@ def build_loaders(settings, dist, cuda: bool, datasets) -> Loaders:
 def build_model(settings, num_classes: int, device: torch.device | None = None) -> torch.nn.Module:
     from lars.models import build_model as model_of
 
-    model = model_of(settings.model.model, num_classes).to(device or "cpu")
-    if settings.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    layout = torch.channels_last if settings.model.channels_last else torch.preserve_format
+    return model_of(settings.model.model, num_classes).to(device or "cpu", memory_format=layout)
 
 
 def build_optimizer(settings, model: torch.nn.Module, plan):

@@ -282,9 +282,8 @@ def _check_paths(values: dict) -> None:
         for dest in ("train_dir", "val_dir"):
             if values[dest] is not None and not os.path.isdir(values[dest]):
                 raise SettingError(f"{_flag_name(dest)} {values[dest]!r} is not a directory")
-    log_dir = values["log_dir"]
-    if log_dir is not None:
-        _check_folder_to_be(log_dir)
+    if values["log_dir"] is not None:
+        _check_folder_to_be(values["log_dir"])
     if values["resume"] not in ("auto", "none") and not os.path.isfile(values["resume"]):
         raise SettingError(f"--resume {values['resume']!r}: no such checkpoint file")
 

@@ -1,9 +1,8 @@
 """Settings from flags: the --config YAML file and `resolve`, the one place where every default is
-decided (the embedded sample set trains a small model on 32 px images; ImageNet uses the paper
-settings; each optimizer's own defaults come from its record in `lars.factory`). The flags are
-declared in `lars.flags`. `parse_settings(argv)` returns the frozen `lars.settings.Settings` that
-the training layer reads; bad values raise `SettingError` naming the flag (`lars.checks`).
-Nothing here imports Horovod or touches data.
+decided (each optimizer's own come from its record in `lars.factory`). The flags are declared in
+`lars.flags`. `parse_settings(argv)` returns the frozen `lars.settings.Settings` that the training
+layer reads; bad values raise `SettingError` naming the flag (`lars.checks`). Nothing here imports
+Horovod or touches data.
 """
 
 from __future__ import annotations

@@ -95,11 +95,10 @@ def _print_tvlars(settings, plan):
     opt, total = settings.optimizer, plan.total_steps
     lmbda, delay, alpha = plan.tv_lmbda, plan.tv_delay_steps, opt.tv_alpha
 
+    options = dict(lmbda=lmbda, alpha=alpha, delay_steps=delay, min_scale=opt.tv_min_scale)
+
     def phi(t: float) -> float:
-        t = torch.tensor(float(t), dtype=torch.float64)
-        return tvlars_phi(
-            t, lmbda=lmbda, alpha=alpha, delay_steps=delay, min_scale=opt.tv_min_scale
-        ).item()
+        return tvlars_phi(torch.tensor(float(t), dtype=torch.float64), **options).item()
 
     given = opt.lmbda is not None or opt.tv_delay_epochs is not None
     origin = "as given" if given else "defaults from the run's length"

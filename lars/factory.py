@@ -80,9 +80,7 @@ class OptimizerSpec:
     @property
     def variants(self) -> tuple[str, ...]:
         """Its published variants, the default first (`VARIANTS` of the class; none: ())."""
-        if "variant" not in self.hyperparameters:
-            return ()
-        return tuple(self.load().VARIANTS)
+        return tuple(self.load().VARIANTS) if "variant" in self.hyperparameters else ()
 
 
 _LARS_KEYS = ("lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov", "variant")

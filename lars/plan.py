@@ -152,9 +152,7 @@ def tvlars_phi_parameters(
     at global batch 1024 on ImageNet phi is 0.0019 after 5 epochs: the run stalls.)
     """
     if lmbda is not None or delay_epochs is not None:
-        delay = (
-            0.0 if delay_epochs is None else float(epochs_to_steps(delay_epochs, steps_per_epoch))
-        )
+        delay = float(epochs_to_steps(delay_epochs or 0.0, steps_per_epoch))
         return (PAPER_LMBDA if lmbda is None else lmbda), delay
     hold = max(1, round(TV_HOLD_FRACTION * total))
     auto_lmbda = 2.0 * math.log(_TV_RATIO) / max(total - hold, 1)

@@ -29,9 +29,7 @@ def versions() -> dict[str, str]:
 class Reporter:
     """Console and TensorBoard output of rank 0."""
 
-    def __init__(
-        self, log_dir: str, enabled: bool, purge_step: int | None = None, progress: str = "auto"
-    ) -> None:
+    def __init__(self, log_dir: str, enabled: bool, purge_step=None, progress="auto") -> None:
         self.enabled, self.log_dir, self.writer = enabled, Path(log_dir), None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -62,9 +60,8 @@ class Reporter:
         """Redraw the one-line progress bar (terminal only): epoch of epochs, step of total."""
         if not self.live:
             return
-        width = 30
-        filled = int(width * step / max(total, 1))
-        bar = "#" * filled + "." * (width - filled)
+        filled = int(30 * step / max(total, 1))  # of a bar 30 characters wide
+        bar = "#" * filled + "." * (30 - filled)
         sys.stdout.write(
             f"\repoch {epoch}/{epochs} [{bar}] {step}/{total} "
             f"{images_per_sec:.0f} img/s ETA {format_duration(eta_seconds)}   "

@@ -47,12 +47,8 @@ class Settings:
         """From {flag name: resolved value}; every flag must have exactly one home."""
         homeless = set(values) - {name for names in GROUPS.values() for name in names.split()}
         assert not homeless, f"flags without a settings field: {sorted(homeless)}"
-        return cls(
-            **{
-                group: klass(**{f.name: values[f.name] for f in fields(klass)})
-                for group, klass in GROUP_CLASSES.items()
-            }
-        )
+        groups = GROUP_CLASSES.items()
+        return cls(**{g: c(**{f.name: values[f.name] for f in fields(c)}) for g, c in groups})
 
     def flat(self) -> dict:
         """{flag name: value}, what config.json's "args" holds."""

@@ -171,16 +171,13 @@ def describe(parts: Parts, state: TrainState) -> None:
         r.print(parts.dist.notice)
     r.print(
         f"run: {s.data.dataset} {s.model.model} {s.optimizer.base_op} on {plan.world_size} "
-        f"rank(s) ({parts.dist.name}, {parts.device}); log dir {s.run.log_dir}"
-    )
-    r.print(
+        f"rank(s) ({parts.dist.name}, {parts.device}); log dir {s.run.log_dir}\n"
         f"global batch {plan.global_batch_size} = {plan.micro_batch} x {plan.world_size} "
         f"x {plan.batches_per_allreduce}; lr {plan.lr:.6g} ({s.optimizer.lr_scaling} scaling "
         f"of {s.optimizer.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
-        f"steps, {plan.warmup_steps} warm-up steps, schedule {s.schedule.schedule}"
+        f"steps, {plan.warmup_steps} warm-up steps, schedule {s.schedule.schedule}\n"
+        f"parameter groups: {describe_split(s)}\n{param_group_summary(parts.model, parts.groups)}"
     )
-    r.print(f"parameter groups: {describe_split(s)}")
-    r.print(param_group_summary(parts.model, parts.groups))
     if state.step:
         r.print(
             f"resumed at step {state.step} (epoch {state.epoch + 1}, step "
