@@ -132,9 +132,8 @@ class HorovodBackend(LocalBackend):
         if stall_timeout:
             # Horovod's coordinator warns about ranks that submit different collectives and,
             # past the shutdown time, ends the job instead of waiting forever (read at init).
-            os.environ.setdefault(
-                "HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60, stall_timeout / 2))))
-            )
+            check_every = max(1, int(min(60, stall_timeout / 2)))
+            os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(check_every))
             os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(stall_timeout)))
         import horovod.torch as hvd
 
@@ -193,10 +192,8 @@ class HorovodBackend(LocalBackend):
         if not self.adasum:
             return bool(finite)
         # Adasum: gradients are still local, so the ranks must agree explicitly.
-        bad = self.hvd.allreduce(
-            (~finite).to(torch.int32).cpu(), op=self.hvd.Sum, name="lars.nonfinite"
-        )
-        return int(bad) == 0
+        bad = (~finite).to(torch.int32).cpu()
+        return int(self.hvd.allreduce(bad, op=self.hvd.Sum, name="lars.nonfinite")) == 0
 
     def step(self, optimizer) -> None:
         with self.skip_synchronize(optimizer):  # Adasum cannot skip its own synchronisation

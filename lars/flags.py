@@ -3,7 +3,7 @@ with units and defaults in the help. Defaults that depend on the dataset or the 
 None here and decided in one place, `lars.config.resolve`.
 
 A group is a function that adds its flags to an argparse group; most are tables made by `_rows`,
-one row per flag: (names, argparse options, help).
+one row per flag: (names, space-separated; argparse options; help).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ def _rows(*rows):
 
     def add_flags(group) -> None:
         for names, options, help in rows:
-            names = (names,) if isinstance(names, str) else names
-            group.add_argument(*names, **options, help=help)
+            group.add_argument(*names.split(), **options, help=help)
 
     return add_flags
 
@@ -73,7 +72,7 @@ _model_and_batch_flags = _rows(
 # TVLARS's phi(t) = 1 / (alpha + exp(lmbda (t - d_e))) + gamma_min (lars.plan resolves the
 # defaults of lmbda and d_e from the run's length).
 _optimizer_flags = _rows(
-    (("--base-op", "--optimizer"), {"dest": "base_op", "default": "lars", "choices": OPTIMIZERS},
+    ("--base-op --optimizer", {"dest": "base_op", "default": "lars", "choices": OPTIMIZERS},
         "optimizer (default: lars)"),
     ("--optimizer-variant", {"metavar": "NAME"}, "a published form of the optimizer's update: "
         "lars you2017|nus|barlowtwins, tvlars paper|authors, lamb you2020|nus|authors "

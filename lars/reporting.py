@@ -98,8 +98,7 @@ class Reporter:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            self.writer.close()  # flushes first
 
 
 def describe_validation(last: dict | None) -> str:

@@ -76,11 +76,9 @@ def advance_step_counts(optimizer, skipped: bool | torch.Tensor) -> None:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             if torch.is_tensor(state.get("step")):
                 steps.append(state["step"])
-    if not steps:
-        return
-    if isinstance(skipped, torch.Tensor):
+    if steps and isinstance(skipped, torch.Tensor):
         torch._foreach_add_(steps, skipped.to(torch.float32))
-    elif skipped:
+    elif steps and skipped:
         torch._foreach_add_(steps, 1.0)
 
 

@@ -112,8 +112,7 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     step = build_step_context(
         settings, plan, dist, device, model, optimizer, scheduler, scaler, data.uint8
     )
-    # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
-    purge = state.step + 1 if state.step else None
+    purge = state.step + 1 if state.step else None  # TensorBoard events after it are dropped
     reporter = Reporter(
         run.log_dir, enabled=dist.rank == 0, purge_step=purge, progress=run.progress
     )
