@@ -177,17 +177,16 @@ def _check_optimizer(values: dict) -> None:
     from lars.factory import OPTIMIZER_SPECS
 
     spec, variant = OPTIMIZER_SPECS[values["base_op"]], values.get("optimizer_variant")
-    variants = spec.variants
-    if variant is not None and not variants:
+    if variant is not None and not spec.variants:
         with_variants = ", ".join(s.name for s in OPTIMIZER_SPECS.values() if s.variants)
         raise SettingError(
             f"--optimizer-variant {variant}: --base-op {spec.name} has no variants "
             f"(only {with_variants} do)"
         )
-    if variant is not None and variant not in variants:
+    if variant is not None and variant not in spec.variants:
         raise SettingError(
             f"--optimizer-variant {variant!r} is not a variant of {spec.name}: "
-            f"{variants[0]} (the default), {', '.join(variants[1:])}"
+            f"{spec.variants[0]} (the default), {', '.join(spec.variants[1:])}"
         )
 
 

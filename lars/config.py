@@ -39,8 +39,7 @@ def _dataset_defaults(values: dict) -> dict:
     """Sets values["dataset"] to what the data flags mean; returns that dataset's defaults."""
     if values["synthetic"] or values["data_backend"] == "synthetic":
         # --synthetic is the alias of --data-backend synthetic: one setting, one fingerprint.
-        values["synthetic"], values["data_backend"] = True, "synthetic"
-        values["dataset"] = "synthetic"
+        values.update(synthetic=True, data_backend="synthetic", dataset="synthetic")
     elif values["dataset"] in (None, "imagefolder"):
         values["dataset"] = "sample" if values["train_dir"] is None else "imagefolder"
     elif values["dataset"] != "imagenet":
