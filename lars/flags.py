@@ -9,6 +9,7 @@ import argparse
 
 from lars.factory import OPTIMIZER_SPECS, OPTIMIZERS
 from lars.schedules import SCHEDULES
+from lars.tasks.ssl_config import add_task_flags
 
 DATASETS = ("imagefolder", "imagenet", "cifar10", "cifar100", "tinyimagenet")
 DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")  # lars.data.loaders.BACKENDS
@@ -127,9 +128,9 @@ def _optimizer_flags(o) -> None:
     )
     o.add_argument(
         "--lr-scaling",
-        default="keep",
         choices=("keep", "linear", "sqrt"),
-        help="lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep)",
+        help="lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep; --task barlowtwins with "
+        "lars: linear)",
     )
     o.add_argument(
         "--lr-reference-batch",
@@ -138,7 +139,11 @@ def _optimizer_flags(o) -> None:
         help="B0 of --lr-scaling, images (default: 256)",
     )
     o.add_argument("--momentum", type=float, default=0.9, help="momentum (default: 0.9)")
-    o.add_argument("--wd", type=float, default=5e-5, help="weight decay (default: 5e-5)")
+    o.add_argument(
+        "--wd",
+        type=float,
+        help="weight decay (default: 5e-5; --task barlowtwins with lars: 1.5e-6)",
+    )
     o.add_argument(
         "--bn-bias-separately",
         action=argparse.BooleanOptionalAction,
@@ -199,7 +204,11 @@ def _schedule_flags(s) -> None:
         type=float,
         help="power of the polynomial decay (2 for lars/tvlars, 1 otherwise, as in the seed)",
     )
-    s.add_argument("--end-lr", type=float, default=0.0, help="final learning rate (default: 0)")
+    s.add_argument(
+        "--end-lr",
+        type=float,
+        help="final learning rate (default: 0; --task barlowtwins with lars: 0.001 x the peak)",
+    )
 
 
 def _hardware_flags(h) -> None:
@@ -354,6 +363,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("configuration files and planning", _planning_flags),
         ("run, logging and checkpoints", _run_flags),
         ("fault tolerance", _fault_tolerance_flags),
+        ("task (self-supervised pre-training and linear evaluation)", add_task_flags),
     ):
         add_flags(p.add_argument_group(title))
     return p
