@@ -134,10 +134,13 @@ def _average_gradients(parameters, dist) -> None:
 
 
 def train_probe_epoch(
-    probe: LinearProbe, optimizer, loader, dist, device, prepare=None
+    probe: LinearProbe, optimizer, loader, dist, device, prepare=None, after_batch=None
 ) -> dict[str, float]:
     """One epoch of the head: cross-entropy, gradients averaged over ranks, one SGD step per
-    batch. Returns the mean training loss and top-1 (percent) over all ranks' samples."""
+    batch. Returns the mean training loss and top-1 (percent) over all ranks' samples, and
+    "stopped": whether `after_batch()` (called on every rank after each step) returned True,
+    which ends the epoch there (a preemption; the trainer checkpoints and resumes it)."""
+    stopped = False
     probe.train()
     counters = DeviceCounters(("loss_sum", "correct", "samples"), device)
     for images, labels in _batches(loader, device, prepare):
@@ -150,9 +153,13 @@ def train_probe_epoch(
         n = labels.shape[0]
         correct = (output.detach().argmax(dim=1) == labels).sum()
         counters.add(loss_sum=loss.detach() * n, correct=correct, samples=n)
+        if after_batch is not None and after_batch():
+            stopped = True
+            break
     sums = counters.read(dist)
     count = max(sums["samples"], 1.0)
-    return {"loss": sums["loss_sum"] / count, "top1": 100.0 * sums["correct"] / count}
+    top1 = 100.0 * sums["correct"] / count
+    return {"loss": sums["loss_sum"] / count, "top1": top1, "stopped": stopped}
 
 
 @torch.no_grad()

@@ -42,9 +42,15 @@ BT_DEFAULTS = dict(
 BT_SAMPLE_DEFAULTS = dict(
     projector="512-512-512", batch_size=128, knn_k=20, probe_epochs=10, probe_batch_size=64
 )
-# The original's LARS recipe (with --base-op lars only).
+# The original's LARS recipe (with --base-op lars only), its update rule included: the
+# `barlowtwins` variant of lars.optim.LARS (trust = eta ||w|| / ||g + wd w||).
 BT_LARS_DEFAULTS = dict(
-    base_lr=0.2, norm_bias_lr=0.0048, lr_scaling="linear", wd=1.5e-6, schedule="cosine"
+    base_lr=0.2,
+    norm_bias_lr=0.0048,
+    lr_scaling="linear",
+    wd=1.5e-6,
+    schedule="cosine",
+    optimizer_variant="barlowtwins",
 )
 BT_WARMUP_EPOCHS = 10.0  # a tenth of --epochs when the run is shorter than 100 epochs
 BT_END_LR_FRACTION = 0.001  # of the peak (scaled) rate
