@@ -17,6 +17,7 @@ from lars.config import parse_args
 from lars.faults import REQUEUE_EXIT_STATUS
 
 SIGNAL_SCRIPT = ROOT / "tests" / "helpers" / "signal_at.py"
+NAN_SCRIPT = ROOT / "tests" / "helpers" / "inject_nan.py"
 # 1,438 training digits at batch 128: 11 pre-training steps; probe batch 64: 23 per epoch.
 TINY = [
     "--task",
@@ -137,6 +138,22 @@ def test_bad_input_exits_2_naming_the_flag(flags, named, capsys, tmp_path):
 def test_task_flags_without_the_task_are_refused(capsys):
     assert main(["--dry-run", "--projector", "64-64"]) == 2
     assert "--projector goes with --task barlowtwins" in capsys.readouterr().err
+
+
+def test_nan_steps_are_skipped_and_never_reach_a_checkpoint(tmp_path):
+    """The classification mode's rule: a NaN loss gives NaN gradients, the step is skipped."""
+    log_dir = tmp_path / "run"
+    out = check_ok(
+        run_script(
+            [*TINY, "--max-steps", "5", "--log-dir", log_dir],
+            script=NAN_SCRIPT,
+            env={"NAN_AT_CALLS": "2,3"},
+        )
+    )
+    assert "2 non-finite step(s) skipped" in out
+    payload = _last_checkpoint(log_dir)
+    assert payload["nonfinite_steps"] == 2 and payload["global_step"] == 5
+    assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
 
 @pytest.mark.slow
