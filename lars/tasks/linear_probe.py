@@ -59,13 +59,21 @@ class ProbeConfig:
         return replace(cls(), **{**quirks, **overrides})
 
 
-def probe_transforms(image_size: int, config: ProbeConfig, crop_ratio: float = 1.0):
-    """(train, val) transforms: random resized crop + flip; resize + centre crop (`crop_ratio`
-    0.875 for ImageNet's 224 of 256, 1.0 for 32-64 px sets). Random val crops if configured."""
+def probe_transforms(
+    image_size: int,
+    config: ProbeConfig,
+    crop_ratio: float = 1.0,
+    min_crop_scale: float = 0.08,
+    hflip: bool = True,
+):
+    """(train, val) transforms: random resized crop (area `min_crop_scale`-1) + flip; resize +
+    centre crop (`crop_ratio` 0.875 for ImageNet's 224 of 256, 1.0 for 32-64 px sets). The
+    defaults are the original's ImageNet crops; the trainer passes its dataset's --min-crop-scale
+    and --hflip (the sample set's digits: 0.35, no flips). Random val crops if configured."""
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train = transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]
-    )
+    crop = transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0))
+    flip = [transforms.RandomHorizontalFlip()] if hflip else []
+    train = transforms.Compose([crop, *flip, *normalize])
     if config.random_val_crops:
         return train, train
     resize = int(round(image_size / crop_ratio))

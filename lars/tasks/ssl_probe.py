@@ -92,10 +92,8 @@ def _train(task, config, probe, optimizer, scheduler) -> None:
                 raise _preempted(parts, state, saved=True)
             scheduler.step()
             state.probe_epoch, state.probe_batches = epoch + 1, 0
-            values = {"loss": metrics["loss"], "top1": metrics["top1"], "lr": lr}
-            parts.reporter.scalars(
-                {f"linear/train_{k}": v for k, v in values.items()}, state.log_step
-            )
+            tags = {"linear/train_loss": metrics["loss"], "linear/train_top1": metrics["top1"]}
+            parts.reporter.scalars({**tags, "linear/lr": lr}, state.log_step)
             parts.reporter.print(
                 f"probe epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.4f} "
                 f"top1 {metrics['top1']:.2f}% lr {lr:.5g}"

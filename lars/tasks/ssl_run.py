@@ -116,7 +116,10 @@ class BarlowTwinsRun:
         from lars.tasks.ssl_build import _images, training_images
 
         s, dist = self.settings, self.parts.dist
-        train_tf, val_tf = probe_transforms(s.data.image_size, config, s.data.val_crop_ratio)
+        d = s.data
+        train_tf, val_tf = probe_transforms(
+            d.image_size, config, d.val_crop_ratio, d.min_crop_scale, d.hflip
+        )
         sampler = functools.partial(
             EpochTaggedSampler, num_replicas=dist.size, rank=dist.rank, seed=s.run.seed
         )
