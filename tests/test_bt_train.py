@@ -157,7 +157,7 @@ def test_nan_steps_are_skipped_and_never_reach_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretraining_then_probe_on_the_sample_set_and_probe_only(tmp_path):
+def test_pretraining_then_probe_on_the_sample_set_and_probe_only(tmp_path, capsys):
     """11 steps of pre-training (tinycnn, projector 64-64), the k-NN monitor, a 4-epoch probe;
     then --probe-only on the saved backbone. Chance is 10% (10 digits); measured: probe top-1
     ~75%, k-NN ~98% (random tinycnn features already separate these digits well)."""
@@ -175,6 +175,9 @@ def test_pretraining_then_probe_on_the_sample_set_and_probe_only(tmp_path):
     assert step == 15 and top5 >= top1 > 40.0, out  # chance: 10%
     assert scalars["ssl/knn_top1"][0][1] > 50.0
     assert "done: linear probe top1" in out
+    with capsys.disabled():
+        knn = scalars["ssl/knn_top1"][0][1]
+        print(f"\nBT sample set, CLI: probe top-1 {top1:.1f}% top-5 {top5:.1f}%, k-NN {knn:.1f}%")
     payload = _last_checkpoint(log_dir)
     assert (payload["stage"], payload["probe_epoch"], payload["global_step"]) == ("probe", 4, 11)
 

@@ -29,6 +29,7 @@ __all__ = [
     "build_bt_model",
     "is_barlow_twins",
     "norm_bias_groups",
+    "split_images",
     "training_images",
 ]
 
@@ -37,7 +38,7 @@ def is_barlow_twins(settings) -> bool:
     return settings.task.task == "barlowtwins"
 
 
-def _images(settings, train_transform, val_transform):
+def split_images(settings, train_transform, val_transform):
     """(train, val, classes) of the settings' dataset with these transforms (PIL images in)."""
     from lars.data.archives import ARCHIVE_DATASETS, build_archive_datasets
     from lars.data.loaders import check_same_classes, image_folder
@@ -59,12 +60,12 @@ def bt_datasets(settings):
 
     data = settings.data
     pairs = BarlowTwinsPair(data.image_size, min_crop_scale=data.min_crop_scale)
-    return _images(settings, pairs, val_transform(data.image_size, data.val_crop_ratio))
+    return split_images(settings, pairs, val_transform(data.image_size, data.val_crop_ratio))
 
 
 def training_images(settings, transform):
     """The training set (as `bt_datasets` reads it) with `transform` instead of the pairs."""
-    return _images(settings, transform, None)[0]
+    return split_images(settings, transform, None)[0]
 
 
 def build_bt_model(settings, device=None, dist=None) -> torch.nn.Module:

@@ -113,7 +113,7 @@ class BarlowTwinsRun:
         """(train loader, its EpochTaggedSampler, validation loader) of the probe."""
         from lars.data.loaders import EpochTaggedSampler, ShardSampler
         from lars.tasks.linear_probe import probe_transforms
-        from lars.tasks.ssl_build import _images, training_images
+        from lars.tasks.ssl_build import split_images, training_images
 
         s, dist = self.settings, self.parts.dist
         d = s.data
@@ -126,7 +126,7 @@ class BarlowTwinsRun:
         train = self._loader(training_images(s, train_tf), s.task.probe_batch_size, sampler)
         val = self.parts.data.val
         if config.random_val_crops:  # the TVLARS repository's test crops
-            images = _images(s, None, val_tf)[1]
+            images = split_images(s, None, val_tf)[1]
             shard = ShardSampler(len(images), dist.rank, dist.size)
             val = self._loader(images, s.batch.val_batch_size, shard)
         return train, train.sampler, val
