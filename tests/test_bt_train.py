@@ -160,7 +160,7 @@ def test_nan_steps_are_skipped_and_never_reach_a_checkpoint(tmp_path):
 def test_pretraining_then_probe_on_the_sample_set_and_probe_only(tmp_path, capsys):
     """11 steps of pre-training (tinycnn, projector 64-64), the k-NN monitor, a 4-epoch probe;
     then --probe-only on the saved backbone. Chance is 10% (10 digits); measured: probe top-1
-    ~75%, k-NN ~98% (random tinycnn features already separate these digits well)."""
+    92.2%, top-5 99.7%, k-NN 98.3% (random tinycnn features already separate these digits)."""
     log_dir = tmp_path / "run"
     out = check_ok(run_script([*TINY, "--probe-epochs", "4", "--log-dir", log_dir]))
     scalars = _scalars(log_dir)
@@ -172,7 +172,7 @@ def test_pretraining_then_probe_on_the_sample_set_and_probe_only(tmp_path, capsy
     assert all(math.isfinite(v) for v in loss) and loss[-1] < loss[0]
     assert [step for step, _ in scalars["linear/train_loss"]] == [12, 13, 14, 15]
     (step, top1), (_, top5) = scalars["linear/top1"][0], scalars["linear/top5"][0]
-    assert step == 15 and top5 >= top1 > 40.0, out  # chance: 10%
+    assert step == 15 and top5 >= top1 > 60.0, out  # chance: 10%
     assert scalars["ssl/knn_top1"][0][1] > 50.0
     assert "done: linear probe top1" in out
     with capsys.disabled():
