@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, make_dataclass
 
+from lars.tasks.ssl_config import TASK_SETTINGS
+
 GROUPS = {
     "data": "dataset train_dir val_dir data_dir synthetic image_size min_crop_scale hflip "
     "val_crop_ratio fast_jpeg data_backend workers strict_data train_images",
@@ -23,6 +25,7 @@ GROUPS = {
     "hardware": "backend fp16_allreduce use_adasum no_cuda threads stall_timeout",
     "run": "seed log_dir log_interval progress resume keep_checkpoints checkpoint_every_steps "
     "deterministic nonfinite max_nonfinite dry_run config allow_change evaluate",
+    "task": " ".join(["task", *TASK_SETTINGS]),
     # the adaptive batch (lars.adaptive.flags); with test_type none, not part of the identity
     "adaptive": "test_type eta theta nu test_interval max_batch_size max_micro_batch_size "
     "max_batches_per_allreduce batch_growth_order batch_test_estimator batch_test_inner_products "
@@ -33,7 +36,9 @@ GROUP_CLASSES = {
     for group, names in GROUPS.items()
 }
 DataSettings, ModelSettings, BatchSettings, OptimizerSettings = list(GROUP_CLASSES.values())[:4]
-ScheduleSettings, HardwareSettings, RunSettings, AdaptiveSettings = list(GROUP_CLASSES.values())[4:]
+ScheduleSettings, HardwareSettings, RunSettings, TaskSettings, AdaptiveSettings = list(
+    GROUP_CLASSES.values()
+)[4:]
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Settings:
     schedule: ScheduleSettings
     hardware: HardwareSettings
     run: RunSettings
+    task: TaskSettings
     adaptive: AdaptiveSettings
 
     @classmethod

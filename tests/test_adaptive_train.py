@@ -147,6 +147,7 @@ def test_ddp_grows_as_horovod_does(tmp_path):
         (["--max-batch-size", "2048", "--max-batches-per-allreduce", "200"], "training set"),
         (["--test-interval", "0"], "--test-interval"),
         (["--batch-test-ema", "1"], "--batch-test-ema"),
+        (["--task", "barlowtwins"], "--task barlowtwins"),
     ],
 )
 def test_bad_adaptive_flags_are_refused_naming_the_flag(flags, named, tmp_path):

@@ -141,6 +141,11 @@ def check_flags(values: dict, world_size: int) -> None:
             f"--max-micro-batch-size with --data-backend {values['data_backend']}: DALI's "
             "pipelines have a fixed batch; grow only batches per allreduce"
         )
+    if values.get("task", "classification") != "classification":
+        raise SettingError(
+            f"--test-type with --task {values['task']}: the adaptive batch is built for the "
+            "classification step only"
+        )
     if values["use_adasum"]:
         raise SettingError("--test-type with --use-adasum: Adasum has no averaged gradient to test")
 
