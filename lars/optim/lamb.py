@@ -37,6 +37,7 @@ from ._common import (
     resolve_foreach,
     resolve_variant_args,
     step_on_device,
+    use_fused,
 )
 
 __all__ = ["LAMB", "lamb", "global_grad_norm"]
@@ -76,9 +77,13 @@ class LAMB(Optimizer):
         max_grad_norm: ``nus`` only; norm_clip: ``authors`` only. ``None`` takes the variant's
             default (``VARIANT_DEFAULTS``), ``inf`` switches the clamp off.
         foreach: use the multi-tensor path (default, ``None``) or the per-tensor loop (``False``).
-        fused: on the multi-tensor path, compute ``you2020``'s r with Adam's fused kernel where
-            the device has one, eps > 0 and every gradient and state tensor has its parameter's
-            strides (default, ``None`` or ``True``); ``False``: unfused ``torch._foreach_*`` ops.
+        fused: the fused CPU kernel (:mod:`lars.optim._fused`: two passes over each tensor) for
+            float32/float64 CPU tensors with one dense layout, as for :class:`~lars.optim.LARS`
+            (``None``: when ``foreach`` is ``None`` too and the kernel builds; ``True``: whenever
+            it builds; ``False``: never). On the multi-tensor path, ``None`` or ``True`` also
+            compute r with Adam's fused kernel where the device has one, eps > 0 and every
+            gradient and state tensor has its parameter's strides; ``False``: unfused
+            ``torch._foreach_*`` ops.
     """
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("you2020", "nus", "authors")
@@ -282,6 +287,7 @@ def lamb(
         norm_clip=norm_clip,
         grad_scale=grad_scale,
         fused=fused is not False,
+        cpu_kernel=use_fused(foreach, fused),
     )
     impl = _lamb_rules.multi_tensor if resolve_foreach(foreach) else _lamb_rules.single_tensor
     return impl(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper)
