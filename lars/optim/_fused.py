@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -88,10 +89,21 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def fusable(first: Tensor, others: tuple[Tensor, ...], step: Tensor | None = None) -> bool:
-    """Whether one parameter (with its gradient and state tensors ``others``) can go to the
-    fused kernels: float32/float64 CPU tensors, dense (contiguous or channels_last) with one
-    layout for all, a float32 step count, not under ``torch.compile``, and the extension built."""
+def fusable(lists: Sequence[Sequence[Tensor]], steps: Sequence[Tensor] | None) -> list[bool]:
+    """Per parameter (``lists[0][i]``, with its gradient and state tensors ``lists[k][i]``):
+    whether it can go to the fused kernels. Float32/float64 CPU tensors, dense (contiguous or
+    channels_last) with one layout for all, a float32 CPU step count; never under
+    ``torch.compile``, and only where the extension is built."""
+    n = len(lists[0])
+    if torch.compiler.is_compiling() or load() is None:
+        return [False] * n
+    return [
+        _fusable_one(lists[0][i], [lst[i] for lst in lists[1:]], steps[i] if steps else None)
+        for i in range(n)
+    ]
+
+
+def _fusable_one(first: Tensor, others: list[Tensor], step: Tensor | None) -> bool:
     return (
         first.device.type == "cpu"
         and first.dtype in DTYPES
@@ -99,8 +111,6 @@ def fusable(first: Tensor, others: tuple[Tensor, ...], step: Tensor | None = Non
         and same_strides(first, others)
         and all(t.dtype == first.dtype for t in others)
         and (step is None or (step.dtype == torch.float32 and step.device.type == "cpu"))
-        and not torch.compiler.is_compiling()
-        and load() is not None
     )
 
 

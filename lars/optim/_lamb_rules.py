@@ -114,7 +114,10 @@ def single_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, h: Hyper) -> Trus
 def multi_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, h: Hyper) -> TrustRecords:
     records: TrustRecords = []
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps]
-    paths = [_path(h, *(lst[i] for lst in lists)) for i in range(len(params))]
+    kernel = _fused.fusable(lists[:4], steps) if h.cpu_kernel else [False] * len(params)
+    paths = [
+        "kernel" if kernel[i] else _path(h, *(lst[i] for lst in lists)) for i in range(len(params))
+    ]
     for (_, dtype, path), bucket in group_tensors(lists, key=paths.__getitem__).items():
         b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps = bucket
         increment_steps(b_steps)
@@ -145,9 +148,8 @@ def multi_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, h: Hyper) -> Trust
 
 
 def _path(h: Hyper, p: Tensor, g: Tensor, mo: Tensor, ve: Tensor, step: Tensor) -> str:
-    """ "kernel" (the fused CPU kernel), "adam" (:func:`_fused_direction`) or "foreach"."""
-    if h.cpu_kernel and _fused.fusable(p, (g, mo, ve), step):
-        return "kernel"
+    """The eager path of a tensor that the fused CPU kernel does not take: "adam"
+    (:func:`_fused_direction`) or "foreach"."""
     return "adam" if _fusable(h, p, g, mo, ve, step) else "foreach"
 
 

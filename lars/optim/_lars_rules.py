@@ -180,16 +180,8 @@ def multi_tensor(
     lists: list[list[Tensor]] = [params, grads] + ([bufs] if momentum else [])
     if steps is not None:
         lists.append(steps)
-    n_state = 3 if momentum else 2
-    fusable = [
-        h.fused
-        and _fused.fusable(
-            params[i],
-            tuple(lst[i] for lst in lists[1:n_state]),
-            steps[i] if steps is not None else None,
-        )
-        for i in range(len(params))
-    ]
+    n_state = 3 if momentum else 2  # params, grads and bufs: what the kernel reads as arrays
+    fusable = _fused.fusable(lists[:n_state], steps) if h.fused else [False] * len(params)
     for (_, dtype, fused), bucket in group_tensors(lists, key=fusable.__getitem__).items():
         b_params, b_grads = bucket[0], bucket[1]
         b_bufs = bucket[2] if momentum else []
