@@ -65,22 +65,16 @@ def build_loaders(settings, dist, cuda: bool, datasets) -> Loaders:
 def build_model(settings, num_classes: int, device: torch.device | None = None) -> torch.nn.Module:
     from lars.models import build_model as model_of
 
-    model = model_of(settings.model.model, num_classes).to(device or "cpu")
-    if settings.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    layout = torch.channels_last if settings.model.channels_last else torch.preserve_format
+    return model_of(settings.model.model, num_classes).to(device or "cpu", memory_format=layout)
 
 
 def build_optimizer(settings, model: torch.nn.Module, plan):
     """(optimizer, groups): --base-op over one group, or (--bn-bias-separately) the decayed and
     adapted weights plus a group of biases and normalisation parameters without either."""
-    opt = settings.optimizer
-    if opt.bn_bias_separately:
-        groups = param_groups(model, opt.wd)
-    else:
-        groups = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": opt.wd}
-        ]
+    opt, trained = settings.optimizer, [p for p in model.parameters() if p.requires_grad]
+    one_group = [{"params": trained, "weight_decay": opt.wd}]
+    groups = param_groups(model, opt.wd) if opt.bn_bias_separately else one_group
     spec = OPTIMIZER_SPECS[opt.base_op]
     hyper = {FLAG_TO_HYPERPARAMETER[flag]: getattr(opt, flag) for flag in spec.flags}
     if "delay_steps" in hyper:  # TVLARS: lambda and d_e (steps) as the plan resolved them
@@ -90,17 +84,14 @@ def build_optimizer(settings, model: torch.nn.Module, plan):
 
 def describe_split(settings) -> str:
     """Which parameter groups the run's optimizer gets, and which setting decided it."""
-    from lars.factory import OPTIMIZER_SPECS
-
     opt = settings.optimizer
     recommended = OPTIMIZER_SPECS[opt.base_op].bn_bias_separately
+    why = f"the default for {opt.base_op}" if recommended == opt.bn_bias_separately else "asked for"
     if opt.bn_bias_separately:
-        why = f"the default for {opt.base_op}" if recommended else "asked for"
         return (
             f"biases, normalisation and other vectors without weight decay and layer "
             f"adaptation (--bn-bias-separately, {why}; --no-bn-bias-separately: one group)"
         )
-    why = "asked for" if recommended else f"the default for {opt.base_op}"
     return f"one group (--no-bn-bias-separately, {why}; --bn-bias-separately splits them)"
 
 

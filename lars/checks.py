@@ -64,23 +64,17 @@ Check = Callable[[str, Any], Any]
 
 # Optimizer keyword arguments (lars.factory's names).
 HYPERPARAMETER_CHECKS: dict[str, Check] = {
-    "lr": non_negative,
+    **dict.fromkeys(
+        "lr weight_decay eps lmbda min_scale lr_decay initial_accumulator_value".split(),
+        non_negative,
+    ),
+    **dict.fromkeys(("nesterov", "amsgrad", "centered"), flag),
+    **dict.fromkeys(("dampening", "rmsprop_alpha"), unit_interval_closed),
     "momentum": unit_interval_open,
-    "weight_decay": non_negative,
+    "betas": betas,
     "trust_coefficient": positive,
-    "eps": non_negative,
-    "nesterov": flag,
-    "lmbda": non_negative,
     "alpha": positive,  # TVLARS: phi <= 1 / alpha + min_scale, so alpha = 0 is unbounded
     "delay_steps": non_negative,  # optimizer steps; phi is continuous, so a fraction is fine
-    "min_scale": non_negative,
-    "betas": betas,
-    "dampening": unit_interval_closed,
-    "amsgrad": flag,
-    "lr_decay": non_negative,
-    "initial_accumulator_value": non_negative,
-    "rmsprop_alpha": unit_interval_closed,
-    "centered": flag,
     "variant": text,  # the class checks the name against its VARIANTS
 }
 
@@ -123,11 +117,7 @@ def _flag_name(dest: str) -> str:
 def _named(dest: str, values: dict, defaulted=frozenset()) -> str:
     """'--epochs 1' for a value the user gave, 'the default --epochs 90' for one they did not."""
     value = values[dest]
-    shown = (
-        f"{_flag_name(dest)} {value:g}"
-        if isinstance(value, float)
-        else f"{_flag_name(dest)} {value}"
-    )
+    shown = f"{_flag_name(dest)} {value:{'g' if isinstance(value, float) else ''}}"
     return f"the default {shown}" if dest in defaulted else shown
 
 
@@ -187,23 +177,20 @@ def _check_optimizer(values: dict) -> None:
     from lars.factory import OPTIMIZER_SPECS
 
     spec, variant = OPTIMIZER_SPECS[values["base_op"]], values.get("optimizer_variant")
-    variants = spec.variants
-    if variant is not None and not variants:
+    if variant is not None and not spec.variants:
         with_variants = ", ".join(s.name for s in OPTIMIZER_SPECS.values() if s.variants)
         raise SettingError(
             f"--optimizer-variant {variant}: --base-op {spec.name} has no variants "
             f"(only {with_variants} do)"
         )
-    if variant is not None and variant not in variants:
+    if variant is not None and variant not in spec.variants:
         raise SettingError(
             f"--optimizer-variant {variant!r} is not a variant of {spec.name}: "
-            f"{variants[0]} (the default), {', '.join(variants[1:])}"
+            f"{spec.variants[0]} (the default), {', '.join(spec.variants[1:])}"
         )
 
 
-# Horovod's Adasum optimizer makes each parameter's update inside the backward pass (its hook
-# runs the local optimizer step, then reduces the update), so nothing can come between the
-# gradient and the update.
+# Nothing can come between Adasum's gradients and its update (lars.step's docstring).
 _ADASUM_WHY = "Horovod's Adasum applies each update inside the backward pass"
 
 
@@ -270,16 +257,12 @@ def _without_data(values: dict) -> bool:
 
 def check_data_flags(values: dict) -> None:
     """Which data flags go together; run before the dataset's defaults are chosen."""
-    archive = values["dataset"] not in FOLDER_DATASETS
+    dataset, archive = values["dataset"], values["dataset"] not in FOLDER_DATASETS
     train_dir, val_dir, data_dir = values["train_dir"], values["val_dir"], values["data_dir"]
     if archive and (train_dir or val_dir):
-        raise SettingError(
-            f"--dataset {values['dataset']} reads --data-dir; drop --train-dir/--val-dir"
-        )
+        raise SettingError(f"--dataset {dataset} reads --data-dir; drop --train-dir/--val-dir")
     if archive and not data_dir:
-        raise SettingError(
-            f"--dataset {values['dataset']} needs --data-dir (the folder holding its archive)"
-        )
+        raise SettingError(f"--dataset {dataset} needs --data-dir (the folder holding its archive)")
     if archive and not os.path.isdir(data_dir) and not _without_data(values):
         raise SettingError(f"--data-dir {data_dir!r} is not a directory")
     if not archive and data_dir:
@@ -298,9 +281,8 @@ def _check_paths(values: dict) -> None:
         for dest in ("train_dir", "val_dir"):
             if values[dest] is not None and not os.path.isdir(values[dest]):
                 raise SettingError(f"{_flag_name(dest)} {values[dest]!r} is not a directory")
-    log_dir = values["log_dir"]
-    if log_dir is not None:
-        _check_folder_to_be(log_dir)
+    if values["log_dir"] is not None:
+        _check_folder_to_be(values["log_dir"])
     if values["resume"] not in ("auto", "none") and not os.path.isfile(values["resume"]):
         raise SettingError(f"--resume {values['resume']!r}: no such checkpoint file")
 

@@ -1,9 +1,8 @@
 """Settings from flags: the --config YAML file and `resolve`, the one place where every default is
-decided (the embedded sample set trains a small model on 32 px images; ImageNet uses the paper
-settings; each optimizer's own defaults come from its record in `lars.factory`). The flags are
-declared in `lars.flags`. `parse_settings(argv)` returns the frozen `lars.settings.Settings` that
-the training layer reads; bad values raise `SettingError` naming the flag (`lars.checks`).
-Nothing here imports Horovod or touches data.
+decided (each optimizer's own come from its record in `lars.factory`). The flags are declared in
+`lars.flags`. `parse_settings(argv)` returns the frozen `lars.settings.Settings` that the training
+layer reads; bad values raise `SettingError` naming the flag (`lars.checks`). Nothing here imports
+Horovod or touches data.
 """
 
 from __future__ import annotations
@@ -18,43 +17,21 @@ from lars.settings import Settings
 
 # Defaults that differ between the embedded sample set (no --train-dir) and real data. The sample
 # run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
-# command line (Goyal et al. 2017 / LARS-ImageNet).
-SAMPLE_DEFAULTS = dict(
-    model="resnet18_small",
-    image_size=32,
-    epochs=4,
-    batch_size=32,
-    val_batch_size=128,
-    min_crop_scale=0.35,
-    hflip=False,
-    warmup_epochs=0.5,
-    label_smoothing=0.0,
-    val_crop_ratio=1.0,
-)
-IMAGENET_DEFAULTS = dict(
-    model="resnet50",
-    image_size=224,
-    epochs=90,
-    batch_size=32,
-    val_batch_size=32,
-    min_crop_scale=0.08,
-    hflip=True,
-    warmup_epochs=5.0,
-    label_smoothing=0.1,
-    val_crop_ratio=0.875,
-)
-# CIFAR-10/100 (32 px) and Tiny ImageNet (64 px): the small-image ResNet, images at native size.
-SMALL_IMAGE_DEFAULTS = dict(
-    model="resnet18_small",
-    epochs=90,
-    batch_size=128,
-    val_batch_size=256,
-    min_crop_scale=0.35,
-    hflip=True,
-    warmup_epochs=5.0,
-    label_smoothing=0.1,
-    val_crop_ratio=1.0,
-)
+# command line (Goyal et al. 2017 / LARS-ImageNet). CIFAR-10/100 (32 px) and Tiny ImageNet
+# (64 px): the small-image ResNet, images at native size (NATIVE_IMAGE_SIZE).
+_DATASET_DEFAULTS = (
+    "model epochs batch_size val_batch_size min_crop_scale hflip warmup_epochs label_smoothing "
+    "val_crop_ratio image_size"
+).split()
+
+
+def _defaults(*values) -> dict:
+    return dict(zip(_DATASET_DEFAULTS, values))
+
+
+SAMPLE_DEFAULTS = _defaults("resnet18_small", 4, 32, 128, 0.35, False, 0.5, 0.0, 1.0, 32)
+IMAGENET_DEFAULTS = _defaults("resnet50", 90, 32, 32, 0.08, True, 5.0, 0.1, 0.875, 224)
+SMALL_IMAGE_DEFAULTS = _defaults("resnet18_small", 90, 128, 256, 0.35, True, 5.0, 0.1, 1.0)
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 
 
@@ -62,8 +39,7 @@ def _dataset_defaults(values: dict) -> dict:
     """Sets values["dataset"] to what the data flags mean; returns that dataset's defaults."""
     if values["synthetic"] or values["data_backend"] == "synthetic":
         # --synthetic is the alias of --data-backend synthetic: one setting, one fingerprint.
-        values["synthetic"], values["data_backend"] = True, "synthetic"
-        values["dataset"] = "synthetic"
+        values.update(synthetic=True, data_backend="synthetic", dataset="synthetic")
     elif values["dataset"] in (None, "imagefolder"):
         values["dataset"] = "sample" if values["train_dir"] is None else "imagefolder"
     elif values["dataset"] != "imagenet":
@@ -74,12 +50,7 @@ def _dataset_defaults(values: dict) -> dict:
 def _optimizer_defaults(spec, values: dict) -> dict:
     """The optimizer record's defaults: its rate, schedule, split and variant (whose own
     defaults, e.g. TVLARS's alpha, the settings then hold as values)."""
-    defaults = {
-        "base_lr": spec.base_lr,
-        "schedule": spec.schedule,
-        "lr_power": spec.lr_power,
-        "bn_bias_separately": spec.bn_bias_separately,
-    }
+    defaults = {k: getattr(spec, k) for k in "base_lr schedule lr_power bn_bias_separately".split()}
     if spec.warmup_epochs is not None:
         defaults["warmup_epochs"] = spec.warmup_epochs
     if spec.variants:
@@ -140,9 +111,8 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     except OSError as error:
         raise SettingError(f"--config {path!r}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise SettingError(
-            f"--config {path!r} is not valid YAML: {str(error).splitlines()[0]}"
-        ) from None
+        first = str(error).splitlines()[0]
+        raise SettingError(f"--config {path!r} is not valid YAML: {first}") from None
     if not isinstance(values, dict):
         raise SettingError(f"--config {path!r} must hold a mapping of option names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}

@@ -27,26 +27,14 @@ import torch
 
 from lars.errors import BackendError
 
-_RANK_VARIABLES = (
-    "OMPI_COMM_WORLD_RANK",
-    "PMI_RANK",
-    "PMIX_RANK",
-    "HOROVOD_RANK",
-    "RANK",
-    "SLURM_PROCID",
-)
-_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE", "WORLD_SIZE", "SLURM_NTASKS")
+# Rank and size as each launcher sets them (Open MPI, PMI, PMIx, Horovod, SLURM); the first wins.
+_RANK_VARIABLES = "OMPI_COMM_WORLD_RANK PMI_RANK PMIX_RANK HOROVOD_RANK RANK SLURM_PROCID".split()
+_SIZE_VARIABLES = "OMPI_COMM_WORLD_SIZE PMI_SIZE HOROVOD_SIZE WORLD_SIZE SLURM_NTASKS".split()
 _LOCAL_RANK_VARIABLES = (
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MPI_LOCALRANKID",
-    "LOCAL_RANK",
-    "SLURM_LOCALID",
+    "OMPI_COMM_WORLD_LOCAL_RANK MPI_LOCALRANKID LOCAL_RANK SLURM_LOCALID".split()
 )
 _LOCAL_SIZE_VARIABLES = (
-    "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MPI_LOCALNRANKS",
-    "LOCAL_WORLD_SIZE",
-    "SLURM_NTASKS_PER_NODE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE MPI_LOCALNRANKS LOCAL_WORLD_SIZE SLURM_NTASKS_PER_NODE".split()
 )
 BACKENDS = ("auto", "horovod", "torch")
 
@@ -139,16 +127,13 @@ class HorovodBackend(LocalBackend):
 
     name = "horovod"
 
-    def __init__(
-        self, stall_timeout: float | None = None, fp16_allreduce: bool = False, adasum: bool = False
-    ) -> None:
+    def __init__(self, stall_timeout=None, fp16_allreduce=False, adasum=False) -> None:
         self.fp16_allreduce, self.adasum = fp16_allreduce, adasum
         if stall_timeout:
             # Horovod's coordinator warns about ranks that submit different collectives and,
             # past the shutdown time, ends the job instead of waiting forever (read at init).
-            os.environ.setdefault(
-                "HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60, stall_timeout / 2))))
-            )
+            check_every = max(1, int(min(60, stall_timeout / 2)))
+            os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(check_every))
             os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(stall_timeout)))
         import horovod.torch as hvd
 
@@ -207,16 +192,11 @@ class HorovodBackend(LocalBackend):
         if not self.adasum:
             return bool(finite)
         # Adasum: gradients are still local, so the ranks must agree explicitly.
-        bad = self.hvd.allreduce(
-            (~finite).to(torch.int32).cpu(), op=self.hvd.Sum, name="lars.nonfinite"
-        )
-        return int(bad) == 0
+        bad = (~finite).to(torch.int32).cpu()
+        return int(self.hvd.allreduce(bad, op=self.hvd.Sum, name="lars.nonfinite")) == 0
 
     def step(self, optimizer) -> None:
-        if self.adasum:  # Horovod's Adasum cannot skip its own synchronisation
-            optimizer.step()
-            return
-        with optimizer.skip_synchronize():
+        with self.skip_synchronize(optimizer):  # Adasum cannot skip its own synchronisation
             optimizer.step()
 
     def skip_synchronize(self, optimizer):
@@ -251,13 +231,7 @@ class TorchBackend(LocalBackend):
 
     name = "torch"
 
-    def __init__(
-        self,
-        cuda: bool,
-        stall_timeout: float | None = None,
-        fp16_allreduce: bool = False,
-        adasum: bool = False,
-    ) -> None:
+    def __init__(self, cuda: bool, stall_timeout=None, fp16_allreduce=False, adasum=False) -> None:
         if adasum:
             raise BackendError("--use-adasum needs --backend horovod")
         import torch.distributed as dist
@@ -345,12 +319,8 @@ def horovod_available() -> bool:
 
 
 def init_distributed(
-    backend: str = "auto",
-    cuda: bool = False,
-    stall_timeout: float | None = None,
-    fp16_allreduce: bool = False,
-    adasum: bool = False,
-):
+    backend="auto", cuda=False, stall_timeout=None, fp16_allreduce=False, adasum=False
+) -> LocalBackend:
     """The backend asked for; `auto` is Horovod when it imports, else torch.distributed when
     launched with several ranks (with a notice), else a single process. BackendError when the
     one asked for is missing or cannot do what is asked."""

@@ -62,21 +62,15 @@ def dry_run(settings) -> dict:
         return {"plan": plan, "lr": schedule}
     s, opt = settings, settings.optimizer
     variant = f" ({opt.optimizer_variant})" if opt.optimizer_variant else ""
+    fingerprint = short_fingerprint(run_identity(s.flat(), plan.global_batch_size))
     print(
         f"dry run: {s.data.dataset} ({train:,} train, {val:,} val images, {classes} classes"
-        f"{note}), {s.model.model}, {opt.base_op}{variant}, {ranks} rank(s)"
-    )
-    fingerprint = short_fingerprint(run_identity(s.flat(), plan.global_batch_size))
-    print(f"fingerprint        {fingerprint} (log dir {s.run.log_dir})")
-    print(
+        f"{note}), {s.model.model}, {opt.base_op}{variant}, {ranks} rank(s)\n"
+        f"fingerprint        {fingerprint} (log dir {s.run.log_dir})\n"
         f"global batch       {plan.global_batch_size} = {plan.micro_batch} per micro-batch x "
-        f"{ranks} ranks x {plan.batches_per_allreduce} micro-batches per step"
-    )
-    print(
+        f"{ranks} ranks x {plan.batches_per_allreduce} micro-batches per step\n"
         f"learning rate      {plan.lr:.6g} = {opt.lr_scaling} scaling of base {opt.base_lr:g}"
-        f" (reference batch {opt.lr_reference_batch})"
-    )
-    print(
+        f" (reference batch {opt.lr_reference_batch})\n"
         f"steps              {plan.steps_per_epoch} per epoch x {plan.epochs} epochs = {total}"
         f"; warm-up {warm} steps ({s.schedule.warmup_epochs:g} epochs); "
         f"schedule {s.schedule.schedule}"
@@ -101,11 +95,10 @@ def _print_tvlars(settings, plan):
     opt, total = settings.optimizer, plan.total_steps
     lmbda, delay, alpha = plan.tv_lmbda, plan.tv_delay_steps, opt.tv_alpha
 
+    options = dict(lmbda=lmbda, alpha=alpha, delay_steps=delay, min_scale=opt.tv_min_scale)
+
     def phi(t: float) -> float:
-        t = torch.tensor(float(t), dtype=torch.float64)
-        return tvlars_phi(
-            t, lmbda=lmbda, alpha=alpha, delay_steps=delay, min_scale=opt.tv_min_scale
-        ).item()
+        return tvlars_phi(torch.tensor(float(t), dtype=torch.float64), **options).item()
 
     given = opt.lmbda is not None or opt.tv_delay_epochs is not None
     origin = "as given" if given else "defaults from the run's length"

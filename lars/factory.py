@@ -17,6 +17,7 @@ TVLARS's phi offset, and handing TVLARS's alpha = 1 to RMSprop would freeze its 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,12 +44,7 @@ logger = logging.getLogger(__name__)
 def _lars_class(name: str) -> Callable[[], type[Optimizer]]:
     # Imported on first use, so that this module (and its torch.optim half) never depends on
     # the import order of the package.
-    def load() -> type[Optimizer]:
-        from lars import optim
-
-        return getattr(optim, name)
-
-    return load
+    return lambda: getattr(importlib.import_module("lars.optim"), name)
 
 
 def _sgd_check(kwargs: dict) -> None:
@@ -84,13 +80,16 @@ class OptimizerSpec:
     @property
     def variants(self) -> tuple[str, ...]:
         """Its published variants, the default first (`VARIANTS` of the class; none: ())."""
-        if "variant" not in self.hyperparameters:
-            return ()
-        return tuple(self.load().VARIANTS)
+        return tuple(self.load().VARIANTS) if "variant" in self.hyperparameters else ()
 
 
 _LARS_KEYS = ("lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov", "variant")
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+_LAMB_KEYS = ("lr", "betas", "eps", "weight_decay", "variant")
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+_ADAGRAD_KEYS = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+_RMSPROP_KEYS = ("lr", "rmsprop_alpha", "eps", "weight_decay", "momentum", "centered")
+_RMS = {"rmsprop_alpha": "alpha"}  # RMSprop's own name (see the module docstring)
 # Layer-wise adaptive optimizers take rates two orders larger than SGD because
 # eta x ||w|| / ||g|| scales them down; power 2 is the LARS paper's polynomial decay.
 _SPECS = (
@@ -108,35 +107,12 @@ _SPECS = (
         schedules=("none", "constant"),
         bn_bias_separately=True,
     ),
-    OptimizerSpec(
-        "lamb",
-        _lars_class("LAMB"),
-        ("lr", "betas", "eps", "weight_decay", "variant"),
-        0.01,
-        bn_bias_separately=True,
-    ),
-    OptimizerSpec(
-        "sgd",
-        lambda: torch.optim.SGD,
-        ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
-        0.1,
-        check=_sgd_check,
-    ),
+    OptimizerSpec("lamb", _lars_class("LAMB"), _LAMB_KEYS, 0.01, bn_bias_separately=True),
+    OptimizerSpec("sgd", lambda: torch.optim.SGD, _SGD_KEYS, 0.1, check=_sgd_check),
     OptimizerSpec("adam", lambda: torch.optim.Adam, _ADAM_KEYS, 0.001),
     OptimizerSpec("adamw", lambda: torch.optim.AdamW, _ADAM_KEYS, 0.001),
-    OptimizerSpec(
-        "adagrad",
-        lambda: torch.optim.Adagrad,
-        ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
-        0.01,
-    ),
-    OptimizerSpec(
-        "rmsprop",
-        lambda: torch.optim.RMSprop,
-        ("lr", "rmsprop_alpha", "eps", "weight_decay", "momentum", "centered"),
-        0.01,
-        renames={"rmsprop_alpha": "alpha"},
-    ),
+    OptimizerSpec("adagrad", lambda: torch.optim.Adagrad, _ADAGRAD_KEYS, 0.01),
+    OptimizerSpec("rmsprop", lambda: torch.optim.RMSprop, _RMSPROP_KEYS, 0.01, renames=_RMS),
 )
 OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}
 OPTIMIZERS = tuple(OPTIMIZER_SPECS)
@@ -176,11 +152,9 @@ def build_optimizer(
     `lars.param_groups(model, weight_decay)`; options the groups carry override `hyper`.
     Accepted keys per name are in `HYPERPARAMETERS`; LARS, TVLARS and LAMB are `lars.optim`'s
     (arguments and update equations: DESIGN.md, "The optimizers"). Raises ValueError naming the
-    optimizer or key for an unknown name or key, and for invalid values (`lars.checks`): lr,
-    weight_decay, eps, lmbda, min_scale, delay_steps, lr_decay, initial_accumulator_value < 0 or
-    not finite; momentum or a beta outside [0, 1); dampening or rmsprop_alpha outside [0, 1];
-    trust_coefficient or alpha <= 0; nesterov, amsgrad, centered not bool; nesterov for sgd
-    without momentum. TypeError if `params` is an nn.Module.
+    optimizer or key for an unknown name or key, and for a value outside its range (the ranges
+    are `lars.checks.HYPERPARAMETER_CHECKS`), or nesterov for sgd without momentum. TypeError if
+    `params` is an nn.Module.
     """
     spec = _spec(name)
     if isinstance(params, nn.Module):

@@ -80,14 +80,8 @@ class RunPlan(BatchGeometry):
 
     def replan(self, settings, micro_batch: int, batches_per_allreduce: int) -> RunPlan:
         """The plan of the same run with another batch geometry (call between steps)."""
-        return plan_run(
-            settings,
-            self.world_size,
-            self.train_images,
-            self.val_images,
-            micro_batch=micro_batch,
-            batches_per_allreduce=batches_per_allreduce,
-        )
+        sizes = self.world_size, self.train_images, self.val_images
+        return plan_run(settings, *sizes, micro_batch, batches_per_allreduce)
 
 
 def plan_run(
@@ -135,6 +129,7 @@ def plan_run(
 
 TV_HOLD_FRACTION = 0.1  # the default TVLARS run holds phi >= 0.99 / alpha for this part
 TV_HOLD_LEVEL = 0.99  # ... and ends at (1 - TV_HOLD_LEVEL) / alpha
+_TV_RATIO = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)  # 99
 PAPER_LMBDA = 0.001  # the authors' default lambda, per step (github.com/KhoiDOO/tvlars)
 
 
@@ -157,24 +152,18 @@ def tvlars_phi_parameters(
     at global batch 1024 on ImageNet phi is 0.0019 after 5 epochs: the run stalls.)
     """
     if lmbda is not None or delay_epochs is not None:
-        delay = (
-            0.0 if delay_epochs is None else float(epochs_to_steps(delay_epochs, steps_per_epoch))
-        )
+        delay = float(epochs_to_steps(delay_epochs or 0.0, steps_per_epoch))
         return (PAPER_LMBDA if lmbda is None else lmbda), delay
     hold = max(1, round(TV_HOLD_FRACTION * total))
-    ratio = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)  # 99
-    auto_lmbda = 2.0 * math.log(ratio) / max(total - hold, 1)
+    auto_lmbda = 2.0 * math.log(_TV_RATIO) / max(total - hold, 1)
     # d_e >= 0 (the optimizer's range): for alpha > 99 the hold would need a negative delay.
-    return auto_lmbda, max(0.0, hold + math.log(ratio / alpha) / auto_lmbda)
+    return auto_lmbda, max(0.0, hold + math.log(_TV_RATIO / alpha) / auto_lmbda)
 
 
 def tvlars_hold_end(lmbda: float, delay_steps: float, alpha: float) -> float:
     """The step t at which phi falls to 0.99 of its plateau 1 / alpha (gamma_min aside):
     1 / (alpha + exp(lambda (t - d_e))) = 0.99 / alpha; inf when lambda is 0 (no decay)."""
-    if lmbda <= 0:
-        return math.inf
-    ratio = TV_HOLD_LEVEL / (1.0 - TV_HOLD_LEVEL)
-    return delay_steps - math.log(ratio / alpha) / lmbda
+    return delay_steps - math.log(_TV_RATIO / alpha) / lmbda if lmbda > 0 else math.inf
 
 
 def default_log_dir(settings, world_size: int) -> str:

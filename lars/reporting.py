@@ -16,29 +16,21 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    found = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-    }
     try:
-        import horovod
-
-        found["horovod"] = horovod.__version__
+        from horovod import __version__ as horovod
     except ImportError:
-        found["horovod"] = "not installed"
-    return found
+        horovod = "not installed"
+    python = platform.python_version()
+    return dict(
+        python=python, torch=torch.__version__, torchvision=torchvision.__version__, horovod=horovod
+    )
 
 
 class Reporter:
     """Console and TensorBoard output of rank 0."""
 
-    def __init__(
-        self, log_dir: str, enabled: bool, purge_step: int | None = None, progress: str = "auto"
-    ) -> None:
-        self.enabled = enabled
-        self.log_dir = Path(log_dir)
-        self.writer = None
+    def __init__(self, log_dir: str, enabled: bool, purge_step=None, progress="auto") -> None:
+        self.enabled, self.log_dir, self.writer = enabled, Path(log_dir), None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -50,10 +42,8 @@ class Reporter:
         # A live progress bar on a terminal; in log files the periodic lines suffice. Under
         # mpirun or srun a rank's stdout is a pseudo-terminal even when the job's output goes to
         # a file, so "auto" shows the bar only to a process that no MPI launcher started.
-        under_launcher = any(
-            v in os.environ
-            for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
-        )
+        launchers = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+        under_launcher = any(v in os.environ for v in launchers)
         self.live = enabled and (
             progress == "bar" or (progress == "auto" and sys.stdout.isatty() and not under_launcher)
         )
@@ -66,21 +56,12 @@ class Reporter:
                 self._bar_shown = False
             print(*parts, flush=True)
 
-    def progress(
-        self,
-        epoch: int,
-        epochs: int,
-        step: int,
-        total: int,
-        images_per_sec: float,
-        eta_seconds: float,
-    ) -> None:
-        """Redraw the one-line progress bar (terminal only)."""
+    def progress(self, epoch, epochs, step, total, images_per_sec: float, eta_seconds: float):
+        """Redraw the one-line progress bar (terminal only): epoch of epochs, step of total."""
         if not self.live:
             return
-        width = 30
-        filled = int(width * step / max(total, 1))
-        bar = "#" * filled + "." * (width - filled)
+        filled = int(30 * step / max(total, 1))  # of a bar 30 characters wide
+        bar = "#" * filled + "." * (30 - filled)
         sys.stdout.write(
             f"\repoch {epoch}/{epochs} [{bar}] {step}/{total} "
             f"{images_per_sec:.0f} img/s ETA {format_duration(eta_seconds)}   "
@@ -92,10 +73,8 @@ class Reporter:
         """The run's settings and final metrics for TensorBoard's HParams tab."""
         if self.writer is None:
             return
-        clean = {
-            k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in hyperparameters.items()
-        }
+        plain = (int, float, str, bool)
+        clean = {k: v if isinstance(v, plain) else str(v) for k, v in hyperparameters.items()}
         self.writer.add_hparams(clean, metrics, run_name=".")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -119,8 +98,7 @@ class Reporter:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            self.writer.close()  # flushes first
 
 
 def describe_validation(last: dict | None) -> str:

@@ -3,7 +3,7 @@
 Each group is a frozen dataclass whose fields are flags' argparse names (their meaning, units and
 defaults are in each flag's help). `Settings.from_flat` and `Settings.flat` convert to and from
 the flat {flag: value} mapping that config.json, TensorBoard's hparams and a run fingerprint
-record; a new flag is one `add_argument` in `lars.config` and one name below.
+record; a new flag is one row in `lars.flags` and one name below.
 """
 
 from __future__ import annotations
@@ -47,12 +47,8 @@ class Settings:
         """From {flag name: resolved value}; every flag must have exactly one home."""
         homeless = set(values) - {name for names in GROUPS.values() for name in names.split()}
         assert not homeless, f"flags without a settings field: {sorted(homeless)}"
-        return cls(
-            **{
-                group: klass(**{f.name: values[f.name] for f in fields(klass)})
-                for group, klass in GROUP_CLASSES.items()
-            }
-        )
+        groups = GROUP_CLASSES.items()
+        return cls(**{g: c(**{f.name: values[f.name] for f in fields(c)}) for g, c in groups})
 
     def flat(self) -> dict:
         """{flag name: value}, what config.json's "args" holds."""

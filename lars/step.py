@@ -76,11 +76,9 @@ def advance_step_counts(optimizer, skipped: bool | torch.Tensor) -> None:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             if torch.is_tensor(state.get("step")):
                 steps.append(state["step"])
-    if not steps:
-        return
-    if isinstance(skipped, torch.Tensor):
+    if steps and isinstance(skipped, torch.Tensor):
         torch._foreach_add_(steps, skipped.to(torch.float32))
-    elif skipped:
+    elif steps and skipped:
         torch._foreach_add_(steps, 1.0)
 
 
@@ -96,11 +94,8 @@ def optimizer_step(ctx: StepContext, batches, meter, bad_paths: list) -> bool:
                 loss.backward()
                 continue
             images, labels = _inputs(ctx, images, labels)
-            with torch.autocast(
-                ctx.device.type,
-                dtype=ctx.amp_dtype or torch.float32,
-                enabled=ctx.amp_dtype is not None,
-            ):
+            amp = ctx.amp_dtype is not None
+            with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32, enabled=amp):
                 output = model(images)
                 loss = ctx.loss_fn(output, labels)
             scaled = loss / k

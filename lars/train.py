@@ -94,7 +94,7 @@ def configure_torch(settings: Settings, dist, cuda: bool) -> torch.device:
 
 def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     """Every part of the run, and the state to continue from (restored from a checkpoint)."""
-    hw = settings.hardware
+    hw, run = settings.hardware, settings.run
     cuda = torch.cuda.is_available() and not hw.no_cuda
     # The data is checked before the distributed runtime starts: bad input costs nothing.
     found = build_datasets(settings, quiet=launched_rank() != 0)
@@ -112,15 +112,11 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     step = build_step_context(
         settings, plan, dist, device, model, optimizer, scheduler, scaler, data.uint8
     )
-    # Events up to the checkpoint's step stay; later ones (from the lost work) are purged.
+    purge = state.step + 1 if state.step else None  # TensorBoard events after it are dropped
     reporter = Reporter(
-        settings.run.log_dir,
-        enabled=dist.rank == 0,
-        purge_step=state.step + 1 if state.step else None,
-        progress=settings.run.progress,
+        run.log_dir, enabled=dist.rank == 0, purge_step=purge, progress=run.progress
     )
-    where = lambda: f"on rank {dist.rank} at step {state.step}"  # noqa: E731
-    watchdog = Watchdog(hw.stall_timeout, where)
+    watchdog = Watchdog(hw.stall_timeout, lambda: f"on rank {dist.rank} at step {state.step}")
     parts = Parts(
         settings, plan, dist, device, data, model, groups, step, reporter, watchdog, preemption
     )
@@ -174,16 +170,13 @@ def describe(parts: Parts, state: TrainState) -> None:
         r.print(parts.dist.notice)
     r.print(
         f"run: {s.data.dataset} {s.model.model} {s.optimizer.base_op} on {plan.world_size} "
-        f"rank(s) ({parts.dist.name}, {parts.device}); log dir {s.run.log_dir}"
-    )
-    r.print(
+        f"rank(s) ({parts.dist.name}, {parts.device}); log dir {s.run.log_dir}\n"
         f"global batch {plan.global_batch_size} = {plan.micro_batch} x {plan.world_size} "
         f"x {plan.batches_per_allreduce}; lr {plan.lr:.6g} ({s.optimizer.lr_scaling} scaling "
         f"of {s.optimizer.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
-        f"steps, {plan.warmup_steps} warm-up steps, schedule {s.schedule.schedule}"
+        f"steps, {plan.warmup_steps} warm-up steps, schedule {s.schedule.schedule}\n"
+        f"parameter groups: {describe_split(s)}\n{param_group_summary(parts.model, parts.groups)}"
     )
-    r.print(f"parameter groups: {describe_split(s)}")
-    r.print(param_group_summary(parts.model, parts.groups))
     if state.step:
         r.print(
             f"resumed at step {state.step} (epoch {state.epoch + 1}, step "
@@ -207,10 +200,8 @@ def log_train(parts: Parts, state: TrainState, meter: TrainMeter, steps: int, se
     if parts.dist.rank != 0:
         return
     optimizer, names = parts.step.optimizer, {id(p): n for n, p in parts.model.named_parameters()}
-    lr, rate = (
-        optimizer.param_groups[0]["lr"],
-        steps * parts.plan.global_batch_size / max(seconds, 1e-9),
-    )
+    lr = optimizer.param_groups[0]["lr"]
+    rate = steps * parts.plan.global_batch_size / max(seconds, 1e-9)
     values = {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": lr}
     values["train/images_per_sec"] = rate
     trust = getattr(optimizer, "last_trust_ratios", None)
@@ -298,14 +289,10 @@ def skip_or_abort_nonfinite(parts: Parts, state: TrainState, finite: bool) -> No
 def _show_progress(parts: Parts, state: TrainState, started: float, first_step: int) -> None:
     if parts.reporter.live:
         rate = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
-        plan = parts.plan
+        plan, eta = parts.plan, _eta(parts, state, rate)
+        images_per_sec = rate * plan.global_batch_size
         parts.reporter.progress(
-            state.epoch + 1,
-            plan.epochs,
-            state.step,
-            plan.total_steps,
-            rate * plan.global_batch_size,
-            _eta(parts, state, rate),
+            state.epoch + 1, plan.epochs, state.step, plan.total_steps, images_per_sec, eta
         )
 
 
