@@ -351,7 +351,26 @@ at::Tensor lamb_step(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
   return at::tensor(trust, at::kDouble).to(params[0].scalar_type());
 }
 
+// sum of x^2 over all ``tensors`` (one dtype, dense CPU) as a 0-dim float64 tensor: LAMB nus's
+// global gradient norm squared, in one parallel region over the chunks of all tensors.
+at::Tensor sum_squares(std::vector<at::Tensor> tensors) {
+  check_lists({&tensors});
+  const auto cs = chunks_of(tensors);
+  std::vector<double> part(2 * cs.size());
+  AT_DISPATCH_FLOATING_TYPES(tensors[0].scalar_type(), "sum_squares", [&] {
+    const LarsHyper h{kYou2017, 0, 0, 0, 0, 0, false, true, 0, 0, 0};  // sums of w only
+    for_chunks(cs, [&](int64_t c, const Chunk& k) {
+      const scalar_t* x = tensors[k.tensor].data_ptr<scalar_t>() + k.begin;
+      lars_sums<scalar_t>(h, x, x, k.end - k.begin, &part[2 * c]);
+    });
+  });
+  double total = 0.0;
+  for (size_t c = 0; c < cs.size(); ++c) total += part[2 * c];
+  return at::scalar_tensor(total, at::kDouble);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sum_squares", &sum_squares, "sum of squares over CPU tensors");
   m.def("lars_step", &lars_step, "fused LARS/TVLARS step over CPU tensors");
   m.def("lamb_step", &lamb_step, "fused LAMB step over CPU tensors");
 }

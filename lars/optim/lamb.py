@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _lamb_rules
+from . import _fused, _lamb_rules
 from ._common import (
     ParamsT,
     TrustRecords,
@@ -210,7 +210,11 @@ class LAMB(Optimizer):
         norm = None
         if any(group["variant"] == "nus" for group, _ in work):
             all_grads = [g for _, lists in work for g in lists[1]]
-            norm = global_grad_norm(all_grads, foreach=resolve_foreach(work[0][0]["foreach"]))
+            first = work[0][0]
+            kernel = use_fused(first["foreach"], first["fused"])
+            norm = global_grad_norm(
+                all_grads, foreach=resolve_foreach(first["foreach"]), fused=kernel
+            )
         records: TrustRecords = []
         for group, lists in work:
             scale = None
@@ -235,18 +239,23 @@ class LAMB(Optimizer):
         return loss
 
 
-def global_grad_norm(grads: list[Tensor], *, foreach: bool = True) -> Tensor:
+def global_grad_norm(grads: list[Tensor], *, foreach: bool = True, fused: bool = False) -> Tensor:
     """sqrt(sum of ||g||^2) over all ``grads`` as a 0-dim float32 (or float64) tensor on the first
-    gradient's device, computed per (device, dtype) bucket as ``clip_grad_norm_`` does; no sync."""
+    gradient's device, computed per (device, dtype) bucket as ``clip_grad_norm_`` does; no sync.
+    With ``fused``, a bucket the fused CPU kernels take is summed by them in one pass."""
     first = grads[0].device
     parts = []
-    for (_, dtype), (bucket,) in group_tensors([grads]).items():
+    kernel = _fused.fusable([grads], None) if fused and foreach else [False] * len(grads)
+    for (_, dtype, in_kernel), (bucket,) in group_tensors([grads], key=kernel.__getitem__).items():
+        acc = torch.promote_types(dtype, torch.float32)
+        if in_kernel:
+            parts.append(_fused.load().sum_squares(bucket).sqrt_().to(acc).to(first))
+            continue
         norms = (
             torch._foreach_norm(bucket)
             if foreach
             else [torch.linalg.vector_norm(g) for g in bucket]
         )
-        acc = torch.promote_types(dtype, torch.float32)
         parts.append(torch.linalg.vector_norm(torch.stack(norms).to(acc)).to(first))
     return torch.linalg.vector_norm(torch.stack([p.to(parts[0].dtype) for p in parts]))
 
