@@ -63,8 +63,7 @@ def load() -> ModuleType | None:
             _reason = f"its source {SOURCE.name} is not installed"
         else:
             try:
-                from torch.utils import cpp_extension
-
+                cpp_extension = _import_cpp_extension()
                 name, flags = _flags()
                 _module = cpp_extension.load(
                     name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"]
@@ -74,6 +73,19 @@ def load() -> ModuleType | None:
         if _reason is not None:
             log.warning("lars.optim: fused CPU step unavailable, %s; using foreach", _reason)
         return _module
+
+
+def _import_cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, without the warning its import logs on every machine that has
+    a CUDA toolkit folder but no GPU ("No CUDA runtime is found"): this build is CPU-only."""
+    ext_log = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        ext_log.setLevel(level)
+    return cpp_extension
 
 
 def _first_error(err: Exception) -> str:
