@@ -76,7 +76,8 @@ class LAMB(Optimizer):
         variant: one of ``VARIANTS`` (``None``: the first).
         max_grad_norm: ``nus`` only; norm_clip: ``authors`` only. ``None`` takes the variant's
             default (``VARIANT_DEFAULTS``), ``inf`` switches the clamp off.
-        foreach: use the multi-tensor path (default, ``None``) or the per-tensor loop (``False``).
+        foreach: the multi-tensor path (``None``, the default, or ``True``; see ``fused``) or the
+            per-tensor loop (``False``).
         fused: the fused CPU kernel (:mod:`lars.optim._fused`: two passes over each tensor) for
             float32/float64 CPU tensors with one dense layout, as for :class:`~lars.optim.LARS`
             (``None``: when ``foreach`` is ``None`` too and the kernel builds; ``True``: whenever

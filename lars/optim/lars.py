@@ -81,7 +81,8 @@ class LARS(Optimizer):
         variant: one of ``VARIANTS`` (``None``: the first).
         trust_clip, update_clip: ``nus`` only; ``None`` takes the variant's default
             (``VARIANT_DEFAULTS``), ``inf`` switches the clamp off.
-        foreach: use the multi-tensor path (default, ``None``) or the per-tensor loop (``False``).
+        foreach: the multi-tensor path (``None``, the default, or ``True``; see ``fused``) or the
+            per-tensor loop (``False``).
         fused: the fused CPU kernel (:mod:`lars.optim._fused`: two passes over each tensor)
             for float32/float64 CPU tensors with one dense layout. ``None`` (default): used when
             ``foreach`` is ``None`` too and the kernel builds; ``True``: used whenever it builds
