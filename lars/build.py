@@ -42,6 +42,10 @@ def build_datasets(settings, quiet: bool = True):
     if settings.data.dataset == "sample":  # safe when all ranks start at once
         build_sample_dataset(os.path.dirname(settings.data.train_dir), quiet=quiet)
     try:
+        if settings.task.task == "barlowtwins":
+            from lars.tasks.ssl_build import bt_datasets
+
+            return bt_datasets(settings)
         return datasets_of(data_config(settings, workers=0))
     except (FileNotFoundError, ValueError) as error:
         message = str(error)
@@ -62,9 +66,14 @@ def build_loaders(settings, dist, cuda: bool, datasets) -> Loaders:
         raise DataError(str(error)) from None
 
 
-def build_model(settings, num_classes: int, device: torch.device | None = None) -> torch.nn.Module:
+def build_model(settings, num_classes: int, device=None, dist=None) -> torch.nn.Module:
+    """The classifier, or (--task barlowtwins) the Barlow Twins model, BatchNorm over `dist`."""
     from lars.models import build_model as model_of
 
+    if settings.task.task == "barlowtwins":
+        from lars.tasks.ssl_build import build_bt_model
+
+        return build_bt_model(settings, device, dist)
     layout = torch.channels_last if settings.model.channels_last else torch.preserve_format
     return model_of(settings.model.model, num_classes).to(device or "cpu", memory_format=layout)
 
@@ -75,6 +84,10 @@ def build_optimizer(settings, model: torch.nn.Module, plan):
     opt, trained = settings.optimizer, [p for p in model.parameters() if p.requires_grad]
     one_group = [{"params": trained, "weight_decay": opt.wd}]
     groups = param_groups(model, opt.wd) if opt.bn_bias_separately else one_group
+    if opt.bn_bias_separately and settings.task.norm_bias_lr is not None:
+        from lars.tasks.ssl_build import norm_bias_groups  # two rates: the Barlow Twins recipe
+
+        groups = norm_bias_groups(settings, model, plan)
     spec = OPTIMIZER_SPECS[opt.base_op]
     hyper = {FLAG_TO_HYPERPARAMETER[flag]: getattr(opt, flag) for flag in spec.flags}
     if "delay_steps" in hyper:  # TVLARS: lambda and d_e (steps) as the plan resolved them
@@ -123,9 +136,14 @@ def build_step_context(settings, plan, dist, device, model, optimizer, scheduler
     forward_model = dist.wrap_model(model)
     if settings.model.compile:
         forward_model = torch.compile(forward_model)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.model.label_smoothing)
+    if settings.task.task == "barlowtwins":  # (the model lays out each view after the split)
+        from lars.tasks.ssl_build import bt_criterion
+
+        loss_fn = bt_criterion(settings, plan, dist)
     return StepContext(
         model=forward_model,
-        loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=settings.model.label_smoothing),
+        loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
         dist=dist,
@@ -133,7 +151,7 @@ def build_step_context(settings, plan, dist, device, model, optimizer, scheduler
         batches_per_allreduce=plan.batches_per_allreduce,
         amp_dtype=AMP_DTYPES.get(settings.model.amp),
         scaler=scaler,
-        channels_last=settings.model.channels_last,
+        channels_last=settings.model.channels_last and settings.task.task != "barlowtwins",
         clip_grad_norm=settings.optimizer.clip_grad_norm,
         # uint8 batches from the fast pipeline are normalised once per batch, on the device.
         prepare=functools.partial(normalize_batch, device=device) if uint8 else None,

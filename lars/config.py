@@ -14,6 +14,7 @@ from lars.errors import SettingError
 from lars.factory import OPTIMIZER_SPECS
 from lars.flags import get_args_parser
 from lars.settings import Settings
+from lars.tasks.ssl_config import check_task_flags, task_defaults
 
 # Defaults that differ between the embedded sample set (no --train-dir) and real data. The sample
 # run must finish in a few minutes on 2 CPU cores; the ImageNet values are those of the seed
@@ -80,9 +81,15 @@ def resolve(flags: dict) -> dict:
     values = dict(flags)
     check_data_flags(values)
     spec = OPTIMIZER_SPECS[values["base_op"]]
+    dataset_defaults = _dataset_defaults(values)
+    ranks = (values["ranks"] if values["dry_run"] else None) or launched_size()
     defaults = {
-        **_dataset_defaults(values),
+        **dataset_defaults,
         **_optimizer_defaults(spec, values),
+        "lr_scaling": "keep",
+        "wd": 5e-5,
+        "end_lr": 0.0,
+        **task_defaults(values, dataset_defaults, ranks),  # the recipe of --task barlowtwins
         "channels_last": torch.cuda.is_available() and not values["no_cuda"],
         "nonfinite": "skip",
         "max_nonfinite": 1 if values["nonfinite"] == "abort" else 20,
@@ -95,8 +102,8 @@ def resolve(flags: dict) -> dict:
         root = default_sample_dir()
         values["train_dir"], values["val_dir"] = str(root / "train"), str(root / "val")
     check_flags(values, defaulted)
+    check_task_flags(values)
     if values["log_dir"] is None:
-        ranks = (values["ranks"] if values["dry_run"] else None) or launched_size()
         values["log_dir"] = default_log_dir(Settings.from_flat(values), ranks)
     return values
 

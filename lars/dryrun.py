@@ -84,6 +84,10 @@ def dry_run(settings) -> dict:
         )
     print(f"parameter groups   {describe_split(settings)}")
     print(param_group_summary(model, groups))
+    if settings.task.task == "barlowtwins":
+        from lars.tasks.ssl_run import task_lines
+
+        print("\n".join(task_lines(settings, model.feature_width, groups)))
     return {"plan": plan, "lr": schedule}
 
 

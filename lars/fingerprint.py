@@ -105,8 +105,11 @@ FIXED_SETTINGS = {
 
 def run_identity(settings: Mapping, global_batch_size: int) -> dict[str, Any]:
     """What a run's fingerprint is taken over: its settings (flat or nested) and the global
-    batch, which the settings alone do not fix (it depends on the number of ranks)."""
-    return {**settings, "global_batch_size": global_batch_size}
+    batch, which the settings alone do not fix (it depends on the number of ranks). A
+    classification run leaves the task's (unused) settings out, as before they existed."""
+    from lars.tasks.ssl_config import classification_identity
+
+    return {**classification_identity(dict(settings)), "global_batch_size": global_batch_size}
 
 
 def _flatten(settings: Mapping, prefix: str = "") -> dict[str, Any]:

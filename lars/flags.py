@@ -12,6 +12,7 @@ import argparse
 
 from lars.factory import OPTIMIZER_SPECS, OPTIMIZERS
 from lars.schedules import SCHEDULES
+from lars.tasks.ssl_config import add_task_flags
 
 DATASETS = ("imagefolder", "imagenet", "cifar10", "cifar100", "tinyimagenet")
 DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")  # lars.data.loaders.BACKENDS
@@ -78,11 +79,12 @@ _optimizer_flags = _rows(
         "lars you2017|nus|barlowtwins, tvlars paper|authors, lamb you2020|nus|authors "
         "(default: the first, the paper's)"),
     ("--base-lr", FLOAT, f"learning rate for the reference batch ({_BASE_LR_HELP})"),
-    ("--lr-scaling", {"default": "keep", "choices": ("keep", "linear", "sqrt")},
-        "lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep)"),
+    ("--lr-scaling", {"choices": ("keep", "linear", "sqrt")},
+        "lr = base-lr x 1, B/B0 or sqrt(B/B0) (default: keep; --task barlowtwins with lars: "
+        "linear)"),
     ("--lr-reference-batch", {**INT, "default": 256}, "B0 of --lr-scaling, images (default: 256)"),
     ("--momentum", {**FLOAT, "default": 0.9}, "momentum (default: 0.9)"),
-    ("--wd", {**FLOAT, "default": 5e-5}, "weight decay (default: 5e-5)"),
+    ("--wd", FLOAT, "weight decay (default: 5e-5; --task barlowtwins with lars: 1.5e-6)"),
     ("--bn-bias-separately", ON_OFF, "no weight decay and no layer adaptation for biases, "
         "normalisation parameters and other vectors (default: on for lars, tvlars and lamb, as "
         "their papers recommend; off for the others; --no-bn-bias-separately: one group)"),
@@ -104,7 +106,8 @@ _schedule_flags = _rows(
         "linear warm-up from 0, epochs, may be fractional (5; sample set: 0.5)"),
     ("--lr-power", FLOAT,
         "power of the polynomial decay (2 for lars/tvlars, 1 otherwise, as in the seed)"),
-    ("--end-lr", {**FLOAT, "default": 0.0}, "final learning rate (default: 0)"),
+    ("--end-lr", FLOAT,
+        "final learning rate (default: 0; --task barlowtwins with lars: 0.001 x the peak)"),
 )
 _hardware_flags = _rows(
     ("--backend", {"choices": ("auto", "horovod", "torch"), "default": "auto"}, "horovod, or "
@@ -180,6 +183,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("configuration files and planning", _planning_flags),
         ("run, logging and checkpoints", _run_flags),
         ("fault tolerance", _fault_tolerance_flags),
+        ("task (self-supervised pre-training and linear evaluation)", add_task_flags),
     ):
         add_flags(p.add_argument_group(title))
     return p

@@ -86,6 +86,15 @@ class TrainMeter:
         count = max(sums["samples"], 1.0)
         return {"loss": sums["loss_sum"] / count, "top1": 100.0 * sums["correct"] / count}
 
+    @staticmethod
+    def tags(stats: dict) -> dict[str, float]:
+        """TensorBoard's scalars of `read_and_reset`'s figures."""
+        return {"train/loss": stats["loss"], "train/top1": stats["top1"]}
+
+    @staticmethod
+    def summary(stats: dict) -> str:
+        return f"loss {stats['loss']:.4f} top1 {stats['top1']:.2f}%"
+
 
 def _batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
     found = []

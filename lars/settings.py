@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, make_dataclass
 
+from lars.tasks.ssl_config import TASK_SETTINGS
+
 GROUPS = {
     "data": "dataset train_dir val_dir data_dir synthetic image_size min_crop_scale hflip "
     "val_crop_ratio fast_jpeg data_backend workers strict_data train_images",
@@ -23,13 +25,14 @@ GROUPS = {
     "hardware": "backend fp16_allreduce use_adasum no_cuda threads stall_timeout",
     "run": "seed log_dir log_interval progress resume keep_checkpoints checkpoint_every_steps "
     "deterministic nonfinite max_nonfinite dry_run config allow_change evaluate",
+    "task": " ".join(["task", *TASK_SETTINGS]),
 }
 GROUP_CLASSES = {
     group: make_dataclass(f"{group.title()}Settings", names.split(), frozen=True)
     for group, names in GROUPS.items()
 }
 DataSettings, ModelSettings, BatchSettings, OptimizerSettings = list(GROUP_CLASSES.values())[:4]
-ScheduleSettings, HardwareSettings, RunSettings = list(GROUP_CLASSES.values())[4:]
+ScheduleSettings, HardwareSettings, RunSettings, TaskSettings = list(GROUP_CLASSES.values())[4:]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Settings:
     schedule: ScheduleSettings
     hardware: HardwareSettings
     run: RunSettings
+    task: TaskSettings
 
     @classmethod
     def from_flat(cls, values: dict) -> Settings:

@@ -23,6 +23,17 @@ class TrainState:
     # first; `changed_now` holds this start's, to report (not saved twice).
     changes: list = field(default_factory=list)
     changed_now: list = field(default_factory=list, compare=False)
+    # A task with a second stage (--task barlowtwins: "probe", lars.tasks.ssl_run): its epochs
+    # and batches done, and its tensors ({"head", "optimizer", "scheduler"}) when saved.
+    stage: str = "train"
+    probe_epoch: int = 0
+    probe_batches: int = 0
+    probe: dict | None = None
+
+    @property
+    def log_step(self) -> int:
+        """The x of TensorBoard and of checkpoint names: optimizer steps, then probe epochs."""
+        return self.step + self.probe_epoch
 
     def step_in_epoch(self, plan) -> int:
         return self.step - self.epoch * plan.steps_per_epoch
@@ -36,7 +47,12 @@ class TrainState:
             "last_validation": self.last_validation,
             "nonfinite_steps": self.nonfinite_total,
             "changes": list(self.changes),
+            **({} if self.stage == "train" else self._stage_payload()),
         }
+
+    def _stage_payload(self) -> dict:
+        keys = ("stage", "probe_epoch", "probe_batches", "probe")
+        return {key: getattr(self, key) for key in keys}
 
     @classmethod
     def from_payload(cls, payload: dict, plan) -> TrainState:
@@ -53,4 +69,8 @@ class TrainState:
             nonfinite_total=payload.get("nonfinite_steps", 0),
             last_validation=payload.get("last_validation", payload.get("final")),
             changes=list(payload.get("changes", [])),
+            stage=payload.get("stage", "train"),
+            probe_epoch=payload.get("probe_epoch", 0),
+            probe_batches=payload.get("probe_batches", 0),
+            probe=payload.get("probe"),
         )

@@ -69,6 +69,10 @@ class Parts:
 
 def run(settings: Settings) -> dict | None:
     """Train with `settings`; the last validation's metrics (None if there was none)."""
+    if settings.task.task == "barlowtwins":  # pre-training, then the linear probe
+        from lars.tasks.ssl_run import run_barlow_twins
+
+        return run_barlow_twins(settings)
     preemption = install_preemption_handler()  # first: a signal during start-up is not lost
     parts, state = build_run(settings, preemption)
     try:
@@ -102,7 +106,7 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     device = configure_torch(settings, dist, cuda)
     data = build_loaders(settings, dist, cuda, found)
     plan = plan_run(settings, dist.size, data.train_size, data.val_size)
-    model = build_model(settings, data.num_classes, device)
+    model = build_model(settings, data.num_classes, device, dist)
     optimizer, groups = build_optimizer(settings, model, plan)
     # Horovod rebuilds the optimizer as Cls(param_groups): wrap before loading any state.
     optimizer = dist.wrap_optimizer(optimizer, model, plan.batches_per_allreduce)
@@ -112,7 +116,7 @@ def build_run(settings: Settings, preemption) -> tuple[Parts, TrainState]:
     step = build_step_context(
         settings, plan, dist, device, model, optimizer, scheduler, scaler, data.uint8
     )
-    purge = state.step + 1 if state.step else None  # TensorBoard events after it are dropped
+    purge = state.log_step + 1 if state.log_step else None  # TensorBoard events after it: dropped
     reporter = Reporter(
         run.log_dir, enabled=dist.rank == 0, purge_step=purge, progress=run.progress
     )
@@ -145,7 +149,7 @@ def save(parts: Parts, state: TrainState) -> None:
         "fingerprint": fingerprint(identity(parts.settings, parts.plan)),
     }
     run = parts.settings.run
-    save_checkpoint(payload, run.log_dir, state.step, run.keep_checkpoints)
+    save_checkpoint(payload, run.log_dir, state.log_step, run.keep_checkpoints)
     parts.watchdog.kick()
 
 
@@ -202,7 +206,7 @@ def log_train(parts: Parts, state: TrainState, meter: TrainMeter, steps: int, se
     optimizer, names = parts.step.optimizer, {id(p): n for n, p in parts.model.named_parameters()}
     lr = optimizer.param_groups[0]["lr"]
     rate = steps * parts.plan.global_batch_size / max(seconds, 1e-9)
-    values = {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": lr}
+    values = {**meter.tags(stats), "train/lr": lr}
     values["train/images_per_sec"] = rate
     trust = getattr(optimizer, "last_trust_ratios", None)
     for param, ratio in trust() if trust is not None else ():
@@ -214,7 +218,7 @@ def log_train(parts: Parts, state: TrainState, meter: TrainMeter, steps: int, se
     eta = _eta(parts, state, rate / parts.plan.global_batch_size)
     parts.reporter.print(
         f"epoch {state.epoch + 1}/{parts.plan.epochs} step {state.step}/"
-        f"{parts.plan.total_steps}: loss {stats['loss']:.4f} top1 {stats['top1']:.2f}% "
+        f"{parts.plan.total_steps}: {meter.summary(stats)} "
         f"lr {lr:.5g} {rate:.1f} img/s ETA {format_duration(eta)}"
     )
 
@@ -329,10 +333,11 @@ def train_one_epoch(parts: Parts, state: TrainState, meter: TrainMeter, stop) ->
     return stopped
 
 
-def finish_epoch(parts: Parts, state: TrainState) -> None:
-    """After an epoch (or the last step): validate, move to the next epoch, checkpoint."""
-    metrics = validate(parts, state)
-    state.last_validation = {"epoch": state.epoch + 1, "step": state.step, **metrics}
+def finish_epoch(parts: Parts, state: TrainState, check=validate) -> None:
+    """After an epoch (or the last step): `check` (validate; None: not now), next epoch, save."""
+    metrics = check(parts, state)
+    if metrics is not None:
+        state.last_validation = {"epoch": state.epoch + 1, "step": state.step, **metrics}
     if state.step % parts.plan.steps_per_epoch == 0:
         state.epoch += 1
     save(parts, state)
@@ -346,8 +351,9 @@ def _preempted(parts: Parts, state: TrainState, saved: bool) -> Preempted:
     )
 
 
-def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=finish_epoch):
-    """Train from `state` to the plan's last step; the last validation's metrics."""
+def fit(parts, state, train_epoch=train_one_epoch, end_epoch=finish_epoch, meter=None, finish=None):
+    """Train from `state` to the plan's last step; the last validation's metrics, or a task's
+    `finish(parts, state, seconds)`. `meter`: the task's step meter (default: loss, top-1)."""
     plan, reporter, settings = parts.plan, parts.reporter, parts.settings
     describe(parts, state)
     reporter.save_config(run_config(parts, state))
@@ -357,7 +363,7 @@ def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=
             + describe_validation(state.last_validation)
         )
         return state.last_validation
-    meter, started = TrainMeter(parts.device), time.perf_counter()
+    meter, started = meter or TrainMeter(parts.device), time.perf_counter()
     stop = StopAgreement(parts.dist, parts.preemption)
     if stop.after_step():  # a signal received during start-up: all ranks agree before step one
         raise _preempted(parts, state, saved=False)  # nothing new to checkpoint
@@ -371,6 +377,8 @@ def fit(parts: Parts, state: TrainState, train_epoch=train_one_epoch, end_epoch=
                 raise _preempted(parts, state, saved=True)
             end_epoch(parts, state)
         stop.drain()
+        if finish is not None:
+            return finish(parts, state, time.perf_counter() - started)
         hidden = ("log_dir", "resume", "train_dir", "val_dir", "data_dir")
         last = state.last_validation
         reporter.hparams(

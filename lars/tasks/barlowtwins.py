@@ -191,6 +191,18 @@ class SSLMeter:
         count = max(sums.pop("steps"), 1.0)
         return {name: value / count for name, value in sums.items()}
 
+    @staticmethod
+    def tags(stats: dict) -> dict[str, float]:
+        """TensorBoard's scalars of `read_and_reset`'s figures (the trainer's log_train)."""
+        return {f"ssl/{name}": value for name, value in stats.items()}
+
+    @staticmethod
+    def summary(stats: dict) -> str:
+        return (
+            f"loss {stats['loss']:.4f} (on-diag {stats['on_diag']:.4f}, "
+            f"off-diag {stats['off_diag']:.4f})"
+        )
+
 
 def bt_param_groups(
     model: nn.Module, weight_lr: float, norm_bias_lr: float, weight_decay: float

@@ -59,13 +59,21 @@ class ProbeConfig:
         return replace(cls(), **{**quirks, **overrides})
 
 
-def probe_transforms(image_size: int, config: ProbeConfig, crop_ratio: float = 1.0):
-    """(train, val) transforms: random resized crop + flip; resize + centre crop (`crop_ratio`
-    0.875 for ImageNet's 224 of 256, 1.0 for 32-64 px sets). Random val crops if configured."""
+def probe_transforms(
+    image_size: int,
+    config: ProbeConfig,
+    crop_ratio: float = 1.0,
+    min_crop_scale: float = 0.08,
+    hflip: bool = True,
+):
+    """(train, val) transforms: random resized crop (area `min_crop_scale`-1) + flip; resize +
+    centre crop (`crop_ratio` 0.875 for ImageNet's 224 of 256, 1.0 for 32-64 px sets). The
+    defaults are the original's ImageNet crops; the trainer passes its dataset's --min-crop-scale
+    and --hflip (the sample set's digits: 0.35, no flips). Random val crops if configured."""
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train = transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]
-    )
+    crop = transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0))
+    flip = [transforms.RandomHorizontalFlip()] if hflip else []
+    train = transforms.Compose([crop, *flip, *normalize])
     if config.random_val_crops:
         return train, train
     resize = int(round(image_size / crop_ratio))
@@ -134,10 +142,13 @@ def _average_gradients(parameters, dist) -> None:
 
 
 def train_probe_epoch(
-    probe: LinearProbe, optimizer, loader, dist, device, prepare=None
+    probe: LinearProbe, optimizer, loader, dist, device, prepare=None, after_batch=None
 ) -> dict[str, float]:
     """One epoch of the head: cross-entropy, gradients averaged over ranks, one SGD step per
-    batch. Returns the mean training loss and top-1 (percent) over all ranks' samples."""
+    batch. Returns the mean training loss and top-1 (percent) over all ranks' samples, and
+    "stopped": whether `after_batch()` (called on every rank after each step) returned True,
+    which ends the epoch there (a preemption; the trainer checkpoints and resumes it)."""
+    stopped = False
     probe.train()
     counters = DeviceCounters(("loss_sum", "correct", "samples"), device)
     for images, labels in _batches(loader, device, prepare):
@@ -150,9 +161,13 @@ def train_probe_epoch(
         n = labels.shape[0]
         correct = (output.detach().argmax(dim=1) == labels).sum()
         counters.add(loss_sum=loss.detach() * n, correct=correct, samples=n)
+        if after_batch is not None and after_batch():
+            stopped = True
+            break
     sums = counters.read(dist)
     count = max(sums["samples"], 1.0)
-    return {"loss": sums["loss_sum"] / count, "top1": 100.0 * sums["correct"] / count}
+    top1 = 100.0 * sums["correct"] / count
+    return {"loss": sums["loss_sum"] / count, "top1": top1, "stopped": stopped}
 
 
 @torch.no_grad()

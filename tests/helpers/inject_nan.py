@@ -1,7 +1,8 @@
 """Run the training script with NaN losses injected at chosen forward calls of the loss.
 
-NAN_AT_CALLS="3,4" makes the 3rd and 4th calls of CrossEntropyLoss.forward return NaN on every
-rank (calls count from 1), so the gradients of those micro-batches become NaN.
+NAN_AT_CALLS="3,4" makes the 3rd and 4th calls of CrossEntropyLoss.forward (or, with --task
+barlowtwins, of its criterion) return NaN on every rank (calls count from 1), so the gradients of
+those micro-batches become NaN.
 """
 
 import os
@@ -23,6 +24,18 @@ def _forward(self, output, labels):
 
 torch.nn.CrossEntropyLoss.forward = _forward
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lars.tasks.barlowtwins import BarlowTwinsCriterion  # noqa: E402
+
+_criterion = BarlowTwinsCriterion.__call__
+
+
+def _barlow_twins(self, output, labels=None):
+    calls["n"] += 1
+    loss = _criterion(self, output, labels)
+    return loss * float("nan") if calls["n"] in targets else loss
+
+
+BarlowTwinsCriterion.__call__ = _barlow_twins
 from lars.cli import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))
