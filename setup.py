@@ -8,6 +8,7 @@ setup(
     description="Exact, fast LARS / TVLARS / LAMB and a Horovod trainer for large-batch ImageNet",
     python_requires=">=3.9",
     packages=find_packages(include=["lars", "lars.*"]),
+    package_data={"lars.optim": ["_fused_cpu.cpp"]},  # built on first use (lars.optim._fused)
     py_modules=["pytorch_imagenet_resnet"],
     install_requires=[
         "torch>=2.1",

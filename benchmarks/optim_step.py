@@ -2,18 +2,21 @@
 
 Every optimizer gets its own copy of the 161 parameter tensors (25.6 M values) and the same random
 gradients; after warm-up steps it is timed over repeated steps and the median is reported. The
-ratios compare every variant of our optimizers (``VARIANTS`` of each class, both code paths), in
-the same run, with the fastest torch.optim baseline: LARS and TVLARS against SGD(momentum=0.9,
-weight_decay=1e-4), LAMB against AdamW.
+ratios compare every variant of our optimizers (``VARIANTS`` of each class, on each of ``--paths``:
+the fused CPU kernel, the eager multi-tensor ops, the per-tensor loop), in the same run, with the
+fastest torch.optim baseline: LARS and TVLARS against SGD(momentum=0.9, weight_decay=1e-4), LAMB
+against AdamW. The load average is printed before and after (the machine may be shared).
 
     python benchmarks/optim_step.py                       # CPU, 2 threads
+    python benchmarks/optim_step.py --threads 1 --paths fused,foreach
     python benchmarks/optim_step.py --threads 8 --repeats 50
-    python benchmarks/optim_step.py --device cuda
+    python benchmarks/optim_step.py --device cuda --paths foreach,loop
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -23,10 +26,12 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, AdamW, Optimizer
 
-from lars.optim import LAMB, LARS, TVLARS
+from lars.optim import LAMB, LARS, TVLARS, _fused
 
 Factory = Callable[[list[Tensor]], Optimizer]
 TARGET_RATIO = 2.0
+# Our code paths: the fused CPU kernel (lars.optim._fused), the eager multi-tensor ops, the loop.
+PATHS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of parameters and gradients")
+    parser.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"our code paths to time, comma-separated (default {','.join(PATHS)})",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="time only our classes whose name starts with one of these, comma-separated "
+        "(e.g. LARS,LAMB; default: all); the baselines always run",
+    )
     return parser
 
 
@@ -53,8 +69,8 @@ def resnet50_tensors(device: torch.device, seed: int) -> tuple[list[Tensor], lis
     return params, grads
 
 
-def variants() -> dict[str, Factory]:
-    """Baselines, then every variant of ours on both paths (names: "CLASS [variant] path")."""
+def variants(paths: list[str], only: list[str]) -> dict[str, Factory]:
+    """Baselines, then every variant of ours on each path (names: "CLASS [variant] path")."""
     sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
     adamw = dict(lr=1e-3, weight_decay=1e-2)
     factories: dict[str, Factory] = {}
@@ -65,11 +81,13 @@ def variants() -> dict[str, Factory]:
     factories["AdamW loop"] = lambda ps: AdamW(ps, **adamw, foreach=False)
     ours = ((LARS, sgd), (TVLARS, dict(sgd, lmbda=1e-3)), (LAMB, adamw))
     for cls, kwargs in ours:
+        if only and not any(cls.__name__.startswith(o) for o in only):
+            continue
         for variant in cls.VARIANTS:
-            for path, foreach in (("foreach", True), ("loop", False)):
+            for path in paths:
                 name = f"{cls.__name__} {variant} {path}"
-                factories[name] = lambda ps, c=cls, k=kwargs, v=variant, f=foreach: c(
-                    ps, **k, variant=v, foreach=f
+                factories[name] = lambda ps, c=cls, k=kwargs, v=variant, o=PATHS[path]: c(
+                    ps, **k, variant=v, **o
                 )
     return factories
 
@@ -110,6 +128,11 @@ def time_steps(
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages (what `uptime` prints)."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -120,7 +143,20 @@ def main(args: argparse.Namespace) -> int:
         f"resnet50: {len(params)} tensors, {numel / 1e6:.1f} M values, "
         f"median of {args.repeats} steps after {args.warmup} warm-up steps"
     )
-    results = time_steps(variants(), params, grads, args.warmup, args.repeats)
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        print(f"error: --paths: unknown {', '.join(unknown)}; expected {', '.join(PATHS)}")
+        return 2
+    if "fused" in paths:  # rows labelled fused must not be the fall-back
+        reason = "CPU only" if device.type != "cpu" else _fused.unavailable_reason()
+        print(f"fused CPU kernel: {'built' if reason is None else 'not timed, ' + reason}")
+        if reason is not None:
+            paths.remove("fused")
+    print(f"load average before: {_load()}")
+    factories = variants(paths, [o for o in args.only.split(",") if o])
+    results = time_steps(factories, params, grads, args.warmup, args.repeats)
+    print(f"load average after:  {_load()}")
     for name, ms in results.items():
         print(f"{name:24s} {ms:8.2f} ms")
     print()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_optim_reference import FOREACH_PATHS
 
 from lars.optim import LAMB, LARS, TVLARS
 from lars.optim.tvlars import tvlars_phi
@@ -28,7 +29,7 @@ SETTINGS = [
     (LAMB, dict(lr=0.01, variant="nus")),
     (LAMB, dict(lr=0.01, weight_decay=1e-2, variant="authors")),
 ]
-PATHS = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+PATHS = FOREACH_PATHS  # fused (the default), foreach, loop
 OPTS = pytest.mark.parametrize(
     "cls,kwargs", SETTINGS, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(SETTINGS)]
 )
@@ -96,9 +97,8 @@ def test_tvlars_keeps_step_in_state_dict():
 
 
 @OPTS
-@pytest.mark.parametrize("path", ["foreach", "loop"])
-def test_step_never_syncs_with_the_host(cls, kwargs, path, monkeypatch):
-    foreach = path != "loop"
+@PATHS
+def test_step_never_syncs_with_the_host(cls, kwargs, foreach, monkeypatch):
     params = make_params()
     opt = cls(groups(params), foreach=foreach, **kwargs)
     set_grads(params, 0)
@@ -246,10 +246,10 @@ def test_old_state_dicts_without_new_keys_still_load(cls):
     opt.step()
     state = copy.deepcopy(opt.state_dict())
     for group in state["param_groups"]:
-        del group["layer_adaptation"], group["foreach"]
+        del group["layer_adaptation"], group["foreach"], group["fused"]
     fresh = cls(params, lr=0.1)
     fresh.load_state_dict(state)
-    assert all(g["layer_adaptation"] is True for g in fresh.param_groups)
+    assert all(g["layer_adaptation"] is True and g["fused"] is None for g in fresh.param_groups)
     set_grads(params, 1)
     fresh.step()
 

@@ -4,7 +4,9 @@ The worker wraps each optimizer the way the trainer does (Horovod rebuilds it as
 ``Cls(param_groups)``), runs ``broadcast_optimizer_state`` (its zero-gradient step on an
 optimizer without state), then three steps on rank-specific data. Each rank checks its weights
 against a plain, unwrapped optimizer fed the average of both ranks' gradients, which it computes
-itself, so LAMB ``nus``'s global norm must be that of the averaged gradients.
+itself, so LAMB ``nus``'s global norm must be that of the averaged gradients. The wrapped one runs
+the default path (the fused CPU kernel where it builds: the rebuilt class keeps it), the twin the
+eager multi-tensor path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ WORKER = """
 import copy
 import torch
 import horovod.torch as hvd
-from lars.optim import LAMB, LARS, TVLARS
+from lars.optim import LAMB, LARS, TVLARS, _fused
 from lars.param_groups import param_groups
 
 CASES = [(LARS, {}), (LARS, {"variant": "nus"}), (LARS, {"variant": "barlowtwins"}),
@@ -50,6 +52,8 @@ for cls, kwargs in CASES:
     twin = copy.deepcopy(model)
     ref = cls(param_groups(twin, 1e-2), lr=0.1, **kwargs)
     ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for group in ref.param_groups:
+        group["foreach"] = True  # eager, whatever the wrapped optimizer runs
     for step in range(3):
         x, y = batch(hvd.rank(), step)
         opt.zero_grad()
@@ -64,7 +68,9 @@ for cls, kwargs in CASES:
     gathered = hvd.allgather(torch.cat([p.detach().flatten() for p in model.parameters()])[None])
     assert torch.equal(gathered[0], gathered[1]), "ranks differ"
     assert all(torch.isfinite(r).all() for _, r in opt.last_trust_ratios())
+    assert all(g["fused"] is None and g["foreach"] is None for g in opt.param_groups)
     ok += 1
+print(f"rank {hvd.rank()}: fused kernel {_fused.unavailable_reason() or 'built'}")
 print(f"rank {hvd.rank()}: {ok} cases OK")
 """
 

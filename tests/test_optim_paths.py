@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_optim_reference import (
+    FOREACH_PATHS,
     SHAPES,
     make_problem,
     norm,
@@ -34,7 +35,7 @@ def reference(cls, weights, grads):
 
 KWARGS = {LARS: LARS_KW, TVLARS: TV_KW, LAMB: LAMB_KW}
 CLASSES = pytest.mark.parametrize("cls", [LARS, TVLARS, LAMB], ids=lambda c: c.__name__)
-PATHS = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+PATHS = FOREACH_PATHS  # fused (the default), foreach, loop
 
 
 def odd_stride_problem(steps: int = 3):

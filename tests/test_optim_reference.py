@@ -1,8 +1,9 @@
 """LARS, TVLARS and LAMB against float64 references written straight from the papers' equations.
 
 The references below are deliberately naive (Python floats for the norms and trust ratios, one
-tensor at a time) and share no code with ``lars.optim``. Both the multi-tensor path
-(``foreach=True``) and the per-tensor loop (``foreach=False``) are checked against them.
+tensor at a time) and share no code with ``lars.optim``. The fused CPU kernel (the default,
+``foreach=None``), the multi-tensor path (``foreach=True``) and the per-tensor loop
+(``foreach=False``) are all checked against them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,19 @@ import math
 import pytest
 import torch
 
-from lars.optim import LAMB, LARS, TVLARS
+from lars.optim import LAMB, LARS, TVLARS, _fused
 
 DT = torch.float64
+# The default path (foreach=None, fused=None) is the fused CPU kernel where it builds; without a
+# compiler those cases skip (test_optim_fused.test_fused_kernel_builds says why).
+_NO_FUSED = _fused.unavailable_reason()
+FUSED = pytest.param(
+    None,
+    id="fused",
+    marks=pytest.mark.skipif(_NO_FUSED is not None, reason=f"fused CPU kernel: {_NO_FUSED}"),
+)
+FOREACH = pytest.param(True, id="foreach")
+FOREACH_PATHS = pytest.mark.parametrize("foreach", [FUSED, FOREACH, pytest.param(False, id="loop")])
 SHAPES = [(4, 3), (5,), (2, 3, 2), (3,)]
 STEPS = 6
 
@@ -117,6 +128,13 @@ def run_ours(cls, weights, grads, adapted, foreach, **kwargs):
     return [p.detach() for p in params], [ratios.get(id(p)) for p in params], opt
 
 
+def lamb_foreach(path: str) -> bool | None:
+    """``foreach`` for a LAMB test path; "fused" is the default (None), skipped without it."""
+    if path == "fused" and _NO_FUSED is not None:
+        pytest.skip(f"fused CPU kernel: {_NO_FUSED}")
+    return {"fused": None, "loop": False}.get(path, True)
+
+
 def assert_matches(ours, ref, ours_trust, ref_trust, adapted):
     for i, (a, b) in enumerate(zip(ours, ref)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=f"tensor {i}")
@@ -154,7 +172,7 @@ def lars_kwargs(case):
     )
 
 
-@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@FOREACH_PATHS
 @pytest.mark.parametrize("adapted", ADAPTED, ids=["all-adapted", "excluded-group"])
 @pytest.mark.parametrize(
     "case", LARS_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items())
@@ -175,7 +193,7 @@ TV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@FOREACH_PATHS
 @pytest.mark.parametrize("adapted", ADAPTED, ids=["all-adapted", "excluded-group"])
 @pytest.mark.parametrize("tv", TV_CASES, ids=lambda c: "l{}-a{}-d{}-m{}".format(*c))
 @pytest.mark.parametrize("case", [LARS_CASES[1], LARS_CASES[2], LARS_CASES[4]], ids=str)
@@ -208,13 +226,13 @@ LAMB_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["foreach", "foreach-unfused", "loop"])
+@pytest.mark.parametrize("path", ["fused", "foreach", "foreach-unfused", "loop"])
 @pytest.mark.parametrize("adapted", ADAPTED, ids=["all-adapted", "excluded-group"])
 @pytest.mark.parametrize(
     "case", LAMB_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items())
 )
 def test_lamb_matches_reference(case, adapted, path):
-    foreach = path != "loop"
+    foreach = lamb_foreach(path)
     weights, grads = make_problem(2)
     if case["eps"] == 0.0:  # 0 / 0 is undefined in the paper: keep every gradient non-zero
         grads = [[g if g is None else g + 0.5 for g in row] for row in grads]
@@ -247,17 +265,19 @@ OPTIMIZERS = [
 ]
 
 
+@pytest.mark.parametrize("foreach", [FUSED, FOREACH])
 @pytest.mark.parametrize(
     "cls,kwargs", OPTIMIZERS, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)]
 )
-def test_foreach_equals_loop_float32(cls, kwargs):
-    """Both paths on float32 tensors of mixed sizes: equal up to float32 rounding."""
+def test_foreach_equals_loop_float32(cls, kwargs, foreach):
+    """The fused and multi-tensor paths on float32 tensors of mixed sizes: equal to the loop up
+    to float32 rounding."""
     gen = torch.Generator().manual_seed(3)
     shapes = [(64, 32), (64,), (16, 8, 3, 3), (10,), (1000,)]
     weights = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
     adapted = [True, False, True, False, True]
-    a, ta, _ = run_ours(cls, weights, grads, adapted, True, **kwargs)
+    a, ta, _ = run_ours(cls, weights, grads, adapted, foreach, **kwargs)
     b, tb, _ = run_ours(cls, weights, grads, adapted, False, **kwargs)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

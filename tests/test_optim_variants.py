@@ -13,11 +13,20 @@ import math
 
 import pytest
 import torch
-from test_optim_reference import ADAPTED, STEPS, assert_matches, make_problem, norm, run_ours
+from test_optim_reference import (
+    ADAPTED,
+    FOREACH_PATHS,
+    STEPS,
+    assert_matches,
+    lamb_foreach,
+    make_problem,
+    norm,
+    run_ours,
+)
 
 from lars.optim import LAMB, LARS, TVLARS
 
-PATHS = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+PATHS = FOREACH_PATHS  # fused (the default), foreach, loop
 ADAPT = pytest.mark.parametrize("adapted", ADAPTED, ids=["all-adapted", "excluded-group"])
 
 
@@ -215,12 +224,12 @@ LAMB_CASES = [  # (grad scale, settings): scale 3 makes the global norm exceed 1
 ]
 
 
-@pytest.mark.parametrize("path", ["foreach", "foreach-unfused", "loop"])
+@pytest.mark.parametrize("path", ["fused", "foreach", "foreach-unfused", "loop"])
 @ADAPT
 @pytest.mark.parametrize("variant", ["nus", "authors"])
 @pytest.mark.parametrize("scale,case", LAMB_CASES, ids=["small-g", "clipped-wd", "betas"])
 def test_lamb_variants_match_reference(scale, case, variant, adapted, path):
-    foreach, fused = path != "loop", path != "foreach-unfused"
+    foreach, fused = lamb_foreach(path), path != "foreach-unfused"
     weights, grads = scaled_problem(13, scale)
     if variant == "authors" and scale > 1:
         weights = [x * 8 for x in weights]  # ||w|| past the clamp at 10

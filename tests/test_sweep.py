@@ -451,3 +451,27 @@ def test_an_interrupted_point_resumes_in_its_own_log_dir(tmp_path, capsys):
         steps_by_file.append([step for step, _ in _read_events(single.parent, "train/loss")])
         single.unlink()
     assert [s for s in steps_by_file if s] == [[1], [2]]  # the second run trained step 2 only
+
+
+def test_a_barlow_twins_point_is_scored_by_its_linear_probe(tmp_path):
+    """A --task barlowtwins run has no val/top1 of its own: the table takes the probe's
+    linear/top1 and top5, and the curve is the k-NN monitor per pre-training epoch."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lars.sweep.results import load_result
+    from lars.sweep.run import MARKER, Planned
+
+    log_dir = tmp_path / "bt"
+    writer = SummaryWriter(str(log_dir))
+    for step, knn in ((10, 0.5), (20, 0.75)):
+        writer.add_scalar("ssl/knn_top1", knn, step)
+    writer.add_scalar("linear/top1", 81.25, 22)
+    writer.add_scalar("linear/top5", 99.5, 22)
+    writer.close()
+    config = {"args": {"task": "barlowtwins"}, "plan": {"steps_per_epoch": 10}}
+    (log_dir / "config.json").write_text(json.dumps(config))
+    (log_dir / MARKER).write_text(json.dumps({"status": "done", "fingerprint": "f"}))
+    result = load_result(Planned(point=None, argv=[], fingerprint="f", log_dir=log_dir))
+    assert result.final_top1 == result.best_top1 == pytest.approx(81.25)
+    assert result.final_top5 == pytest.approx(99.5)
+    assert result.curve == [(1.0, pytest.approx(0.5)), (2.0, pytest.approx(0.75))]

@@ -1,7 +1,10 @@
 """Optimizers for large-batch training: LARS, TVLARS and LAMB.
 
-Each is a ``torch.optim.Optimizer`` with a multi-tensor (``torch._foreach_*``) path, used by
-default, and a per-tensor loop (``foreach=False``) that is the reference it is tested against.
+Each is a ``torch.optim.Optimizer`` with three paths: on CPU tensors, by default, a fused C++
+kernel that makes the fewest passes over each tensor (:mod:`lars.optim._fused`, built on first use
+and cached; ``fused=False`` or ``foreach=True`` opts out, and without a compiler the step falls
+back with one warning); a multi-tensor (``torch._foreach_*``) path, the default elsewhere; and a
+per-tensor loop (``foreach=False``) that is the reference the others are tested against.
 Each takes a ``variant`` (``VARIANTS``; the first, the paper's form, is the default) that selects
 a published implementation's update rule; ``VARIANT_DEFAULTS`` lists each variant's own arguments.
 """

@@ -76,6 +76,12 @@ def resolve_foreach(foreach: bool | None) -> bool:
     return True if foreach is None else bool(foreach)
 
 
+def use_fused(foreach: bool | None, fused: bool | None) -> bool:
+    """Whether the fused CPU kernel is asked for: ``fused=True``, or both left at ``None``
+    (``foreach=False`` always means the per-tensor loop)."""
+    return foreach is not False and (fused is True or (fused is None and foreach is None))
+
+
 def increment_steps(steps: list[Tensor]) -> None:
     """steps[i] += 1 for the 0-dim step tensors, on their device."""
     if steps[0].is_cpu:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._common import (
     TrustRecords,
     group_tensors,
@@ -59,7 +60,8 @@ class Hyper:
     layer_adaptation: bool
     norm_clip: float | None = None
     grad_scale: Tensor | None = None
-    fused: bool = True
+    fused: bool = True  # Adam's fused kernel for u where it is exact
+    cpu_kernel: bool = False  # the whole step in the fused CPU kernel (lars.optim._fused)
 
     @property
     def bias_correction(self) -> bool:
@@ -112,10 +114,19 @@ def single_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, h: Hyper) -> Trus
 def multi_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, h: Hyper) -> TrustRecords:
     records: TrustRecords = []
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps]
-    fusable = [_fusable(h, *(lst[i] for lst in lists)) for i in range(len(params))]
-    for (_, dtype, fused), bucket in group_tensors(lists, key=fusable.__getitem__).items():
+    kernel = _fused.fusable(lists[:4], steps) if h.cpu_kernel else [False] * len(params)
+    paths = [
+        "kernel" if kernel[i] else _path(h, *(lst[i] for lst in lists)) for i in range(len(params))
+    ]
+    for (_, dtype, path), bucket in group_tensors(lists, key=paths.__getitem__).items():
         b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps = bucket
         increment_steps(b_steps)
+        if path == "kernel":
+            trust = _kernel_step(*bucket, h=h)
+            if h.layer_adaptation:
+                records.append((b_params, trust))
+            continue
+        fused = path == "adam"
         if h.grad_scale is not None:
             # A scaled copy: the fused kernel's own grad_scale argument writes the unscaled
             # gradient back into p.grad, which an optimizer step must never modify.
@@ -134,6 +145,33 @@ def multi_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, h: Hyper) -> Trust
         if h.layer_adaptation:
             records.append((b_params, trust))
     return records
+
+
+def _path(h: Hyper, p: Tensor, g: Tensor, mo: Tensor, ve: Tensor, step: Tensor) -> str:
+    """The eager path of a tensor that the fused CPU kernel does not take: "adam"
+    (:func:`_fused_direction`) or "foreach"."""
+    return "adam" if _fusable(h, p, g, mo, ve, step) else "foreach"
+
+
+def _kernel_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, h: Hyper) -> Tensor:
+    """The whole step of a bucket in the fused CPU kernel (two passes over each tensor; one
+    when no trust ratio is needed); returns the trust ratios (ones when not adapted)."""
+    return _fused.load().lamb_step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        _fused.empty_scale() if h.grad_scale is None else h.grad_scale.reshape(1),
+        h.lr,
+        h.beta1,
+        h.beta2,
+        h.eps,
+        h.weight_decay,
+        h.bias_correction,
+        h.adapts,
+        math.inf if h.norm_clip is None else h.norm_clip,
+    )
 
 
 def _fusable(h: Hyper, p: Tensor, g: Tensor, mo: Tensor, ve: Tensor, step: Tensor) -> bool:

@@ -28,11 +28,13 @@ Buffers start at 0, so "buf = d on the first step" holds without a special case.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._common import (
     TrustRecords,
     TrustScaleFn,
@@ -62,6 +64,7 @@ class Hyper:
     update_clip: float | None = None
     norm_clip: float | None = None
     trust_scale_fn: TrustScaleFn | None = None
+    fused: bool = False  # the fused CPU kernel where it applies (lars.optim._fused)
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -177,7 +180,9 @@ def multi_tensor(
     lists: list[list[Tensor]] = [params, grads] + ([bufs] if momentum else [])
     if steps is not None:
         lists.append(steps)
-    for (_, dtype), bucket in group_tensors(lists).items():
+    n_state = 3 if momentum else 2  # params, grads and bufs: what the kernel reads as arrays
+    fusable = _fused.fusable(lists[:n_state], steps) if h.fused else [False] * len(params)
+    for (_, dtype, fused), bucket in group_tensors(lists, key=fusable.__getitem__).items():
         b_params, b_grads = bucket[0], bucket[1]
         b_bufs = bucket[2] if momentum else []
         b_steps = bucket[-1] if steps is not None else None
@@ -187,10 +192,34 @@ def multi_tensor(
             if h.layer_adaptation and h.trust_scale_fn is not None:
                 scale = h.trust_scale_fn(torch.stack(b_steps).to(step_dtype(dtype)))
                 first_scale = scale[0] if first_scale is None else first_scale
-        trust = _MULTI_RULES[h.rule](b_params, b_grads, b_bufs, scale, h)
+        rule = _fused_step if fused else _MULTI_RULES[h.rule]
+        trust = rule(b_params, b_grads, b_bufs, scale, h)
         if trust is not None:
             records.append((b_params, trust))
     return records, first_scale
+
+
+def _fused_step(params, grads, bufs, scale, h: Hyper) -> Tensor | None:
+    """The whole update of a bucket in the fused CPU kernel: two passes over each tensor."""
+    inf = math.inf
+    trust = _fused.load().lars_step(
+        params,
+        grads,
+        bufs,
+        _fused.empty_scale() if scale is None else scale.to(torch.float64),
+        _FUSED_RULES[h.rule],
+        h.lr,
+        h.momentum,
+        h.weight_decay,
+        h.trust_coefficient,
+        h.eps,
+        h.nesterov,
+        h.layer_adaptation,
+        inf if h.trust_clip is None else h.trust_clip,
+        inf if h.update_clip is None else h.update_clip,
+        inf if h.norm_clip is None else h.norm_clip,
+    )
+    return trust if h.layer_adaptation else None
 
 
 def _multi_you2017(params, grads, bufs, scale, h: Hyper) -> Tensor | None:
@@ -275,3 +304,4 @@ def _multi_barlow(params, grads, bufs, scale, h: Hyper) -> Tensor | None:
 
 
 _MULTI_RULES = {"you2017": _multi_you2017, "nus": _multi_nus, "barlowtwins": _multi_barlow}
+_FUSED_RULES = {"you2017": 0, "nus": 1, "barlowtwins": 2}  # the kernel's LarsRule

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _lamb_rules
+from . import _fused, _lamb_rules
 from ._common import (
     ParamsT,
     TrustRecords,
@@ -37,6 +37,7 @@ from ._common import (
     resolve_foreach,
     resolve_variant_args,
     step_on_device,
+    use_fused,
 )
 
 __all__ = ["LAMB", "lamb", "global_grad_norm"]
@@ -75,10 +76,15 @@ class LAMB(Optimizer):
         variant: one of ``VARIANTS`` (``None``: the first).
         max_grad_norm: ``nus`` only; norm_clip: ``authors`` only. ``None`` takes the variant's
             default (``VARIANT_DEFAULTS``), ``inf`` switches the clamp off.
-        foreach: use the multi-tensor path (default, ``None``) or the per-tensor loop (``False``).
-        fused: on the multi-tensor path, compute ``you2020``'s r with Adam's fused kernel where
-            the device has one, eps > 0 and every gradient and state tensor has its parameter's
-            strides (default, ``None`` or ``True``); ``False``: unfused ``torch._foreach_*`` ops.
+        foreach: the multi-tensor path (``None``, the default, or ``True``; see ``fused``) or the
+            per-tensor loop (``False``).
+        fused: the fused CPU kernel (:mod:`lars.optim._fused`: two passes over each tensor) for
+            float32/float64 CPU tensors with one dense layout, as for :class:`~lars.optim.LARS`
+            (``None``: when ``foreach`` is ``None`` too and the kernel builds; ``True``: whenever
+            it builds; ``False``: never). On the multi-tensor path, ``None`` or ``True`` also
+            compute r with Adam's fused kernel where the device has one, eps > 0 and every
+            gradient and state tensor has its parameter's strides; ``False``: unfused
+            ``torch._foreach_*`` ops.
     """
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("you2020", "nus", "authors")
@@ -205,7 +211,11 @@ class LAMB(Optimizer):
         norm = None
         if any(group["variant"] == "nus" for group, _ in work):
             all_grads = [g for _, lists in work for g in lists[1]]
-            norm = global_grad_norm(all_grads, foreach=resolve_foreach(work[0][0]["foreach"]))
+            first = work[0][0]
+            kernel = use_fused(first["foreach"], first["fused"])
+            norm = global_grad_norm(
+                all_grads, foreach=resolve_foreach(first["foreach"]), fused=kernel
+            )
         records: TrustRecords = []
         for group, lists in work:
             scale = None
@@ -230,18 +240,23 @@ class LAMB(Optimizer):
         return loss
 
 
-def global_grad_norm(grads: list[Tensor], *, foreach: bool = True) -> Tensor:
+def global_grad_norm(grads: list[Tensor], *, foreach: bool = True, fused: bool = False) -> Tensor:
     """sqrt(sum of ||g||^2) over all ``grads`` as a 0-dim float32 (or float64) tensor on the first
-    gradient's device, computed per (device, dtype) bucket as ``clip_grad_norm_`` does; no sync."""
+    gradient's device, computed per (device, dtype) bucket as ``clip_grad_norm_`` does; no sync.
+    With ``fused``, a bucket the fused CPU kernels take is summed by them in one pass."""
     first = grads[0].device
     parts = []
-    for (_, dtype), (bucket,) in group_tensors([grads]).items():
+    kernel = _fused.fusable([grads], None) if fused and foreach else [False] * len(grads)
+    for (_, dtype, in_kernel), (bucket,) in group_tensors([grads], key=kernel.__getitem__).items():
+        acc = torch.promote_types(dtype, torch.float32)
+        if in_kernel:
+            parts.append(_fused.load().sum_squares(bucket).sqrt_().to(acc).to(first))
+            continue
         norms = (
             torch._foreach_norm(bucket)
             if foreach
             else [torch.linalg.vector_norm(g) for g in bucket]
         )
-        acc = torch.promote_types(dtype, torch.float32)
         parts.append(torch.linalg.vector_norm(torch.stack(norms).to(acc)).to(first))
     return torch.linalg.vector_norm(torch.stack([p.to(parts[0].dtype) for p in parts]))
 
@@ -282,6 +297,7 @@ def lamb(
         norm_clip=norm_clip,
         grad_scale=grad_scale,
         fused=fused is not False,
+        cpu_kernel=use_fused(foreach, fused),
     )
     impl = _lamb_rules.multi_tensor if resolve_foreach(foreach) else _lamb_rules.single_tensor
     return impl(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper)

@@ -42,6 +42,7 @@ from ._common import (
     resolve_foreach,
     resolve_variant_args,
     step_on_device,
+    use_fused,
 )
 
 __all__ = ["LARS", "lars"]
@@ -80,7 +81,13 @@ class LARS(Optimizer):
         variant: one of ``VARIANTS`` (``None``: the first).
         trust_clip, update_clip: ``nus`` only; ``None`` takes the variant's default
             (``VARIANT_DEFAULTS``), ``inf`` switches the clamp off.
-        foreach: use the multi-tensor path (default, ``None``) or the per-tensor loop (``False``).
+        foreach: the multi-tensor path (``None``, the default, or ``True``; see ``fused``) or the
+            per-tensor loop (``False``).
+        fused: the fused CPU kernel (:mod:`lars.optim._fused`: two passes over each tensor)
+            for float32/float64 CPU tensors with one dense layout. ``None`` (default): used when
+            ``foreach`` is ``None`` too and the kernel builds; ``True``: used whenever it builds
+            (with ``foreach`` not ``False``); ``False``: never. Every other tensor, and every
+            tensor where it does not build (one warning says why), takes the ``foreach`` path.
     """
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("you2017", "nus", "barlowtwins")
@@ -100,6 +107,7 @@ class LARS(Optimizer):
         nesterov=False,
         layer_adaptation=True,
         foreach=None,
+        fused=None,
         variant="you2017",
         trust_clip=None,
         update_clip=None,
@@ -119,16 +127,17 @@ class LARS(Optimizer):
         trust_clip: float | None = None,
         update_clip: float | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = self._base_defaults(
-            lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach
+            lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach, fused
         )
         defaults.update(trust_clip=trust_clip, update_clip=update_clip)
         self._setup(params, defaults)
 
     @classmethod
     def _base_defaults(
-        cls, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach
+        cls, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach, fused
     ) -> dict[str, Any]:
         """The options LARS and its subclasses share."""
         return dict(
@@ -140,6 +149,7 @@ class LARS(Optimizer):
             nesterov=nesterov,
             layer_adaptation=True,
             foreach=foreach,
+            fused=fused,
             variant=cls.VARIANTS[0] if variant is None else variant,
         )
 
@@ -261,6 +271,7 @@ def lars_settings(group: dict[str, Any], rule: str = "you2017") -> dict[str, Any
         nesterov=group["nesterov"],
         layer_adaptation=group["layer_adaptation"],
         foreach=group["foreach"],
+        fused=group.get("fused"),
         rule=rule,
         trust_clip=group.get("trust_clip"),
         update_clip=group.get("update_clip"),
@@ -281,6 +292,7 @@ def lars(
     nesterov: bool,
     layer_adaptation: bool = True,
     foreach: bool | None = None,
+    fused: bool | None = None,
     rule: str = "you2017",
     trust_clip: float | None = None,
     update_clip: float | None = None,
@@ -294,7 +306,8 @@ def lars(
     ``momentum_buffers`` is empty when ``momentum == 0``. When ``state_steps`` is given, each
     per-param step count is incremented first, and with ``trust_scale_fn`` the trust ratio is
     multiplied by ``trust_scale_fn(t)`` (TVLARS's phi). Returns the trust ratios applied and the
-    first trust scale computed (``None`` when there was none). Never reads a tensor on the host.
+    first trust scale computed (``None`` when there was none). ``foreach`` and ``fused`` select
+    the path as in :class:`LARS`. Never reads a tensor on the host.
     """
     if rule not in _lars_rules.RULES:
         raise ValueError(f"Invalid rule: {rule!r}; expected one of {_lars_rules.RULES}")
@@ -311,6 +324,7 @@ def lars(
         update_clip=update_clip,
         norm_clip=norm_clip,
         trust_scale_fn=trust_scale_fn,
+        fused=use_fused(foreach, fused),
     )
     impl = _lars_rules.multi_tensor if resolve_foreach(foreach) else _lars_rules.single_tensor
     return impl(params, grads, momentum_buffers, state_steps, hyper)

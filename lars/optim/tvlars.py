@@ -65,7 +65,7 @@ class TVLARS(LARS):
     other revision (no phi for a number of epochs, then phi of the undelayed t) is not reproduced.
 
     Args:
-        params, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, foreach: as
+        params, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, foreach, fused: as
             :class:`~lars.optim.LARS` (``eps`` and ``nesterov``: ``paper`` only).
         lmbda: decay coefficient lambda (>= 0), per optimizer step.
         alpha: alpha (> 0); ``None`` takes the variant's default (paper 1.0, authors 0.1).
@@ -110,9 +110,10 @@ class TVLARS(LARS):
         variant: str | None = None,
         norm_clip: float | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = self._base_defaults(
-            lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach
+            lr, momentum, weight_decay, trust_coefficient, eps, nesterov, variant, foreach, fused
         )
         defaults.update(
             lmbda=lmbda,

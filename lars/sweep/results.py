@@ -2,6 +2,8 @@
 
 Per point (from its TensorBoard event files, read with lars.report's loader):
     best top-1    max of val/top1          final top-1 / top-5   val/top1, val/top5 at the last step
+                  (--task barlowtwins: the linear probe's linear/top1, linear/top5; the curve
+                  is the k-NN monitor's ssl/knn_top1 against the pre-training epoch)
     images/s      median of train/images_per_sec (the first log interval holds start-up costs)
     s / epoch     median time between consecutive validations (event wall times), which is
                   training plus validation; with one validation, the marker's wall time / epochs
@@ -81,8 +83,10 @@ def load_result(planned: Planned) -> PointResult | None:
         return None
     if not finished(planned, run.config):
         return None
-    val = run.scalars.get("val/top1", [])
-    top5 = run.scalars.get("val/top5", [])
+    scored = "linear" if run.config.get("args", {}).get("task") == "barlowtwins" else "val"
+    val = run.scalars.get(f"{scored}/top1", [])
+    top5 = run.scalars.get(f"{scored}/top5", [])
+    curve = val if scored == "val" else run.scalars.get("ssl/knn_top1", [])
     speed = [v for _, v in run.scalars.get("train/images_per_sec", [])]
     steps_per_epoch = run.config.get("plan", {}).get("steps_per_epoch") or None
     walls = [t for _, t in _wall_times(planned.log_dir, "val/top1")]
@@ -99,7 +103,7 @@ def load_result(planned: Planned) -> PointResult | None:
         final_top5=top5[-1][1] if top5 else None,
         images_per_sec=statistics.median(speed[1:] or speed) if speed else None,
         epoch_seconds=epoch_seconds,
-        curve=[(step / scale, value) for step, value in val],
+        curve=[(step / scale, value) for step, value in curve],
     )
 
 
