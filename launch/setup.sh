@@ -109,6 +109,7 @@ fi
 #    path, so this step only warns. The marker tells tests/test_optim_fused.py that the kernel
 #    built here, so a later failure to load it fails the tests instead of skipping them.
 fused_marker="$VENV/.lars-with-fused"
+"$PY" -c "import ninja" 2>/dev/null || pip_install ninja # torch's extension builds need it
 fused_reason=$("$PY" -c 'from lars.optim import _fused; print(_fused.unavailable_reason() or "")' 2>/dev/null || echo "lars.optim did not import")
 if [ -z "$fused_reason" ]; then
   say "fused CPU optimizer step built (or already built)"

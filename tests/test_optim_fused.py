@@ -267,3 +267,21 @@ def test_lamb_float32_moments_carry_no_rounded_one_minus_beta(variant, path):
     state = opt.state[w]
     torch.testing.assert_close(state["exp_avg"].to(DT), 0.1 * g, rtol=3e-7, atol=0.0)
     torch.testing.assert_close(state["exp_avg_sq"].to(DT), 0.001 * g * g, rtol=3e-7, atol=0.0)
+
+
+def test_tensors_off_the_cpu_never_build_the_kernel(fresh_loader, monkeypatch):
+    """A GPU run's parameters are not CPU tensors: asking whether they are fusable must not
+    start a (30 s, compiler-needing) build on every rank."""
+    monkeypatch.setattr(_fused, "load", lambda: pytest.fail("the kernel was loaded"))
+    params = [torch.empty(3, 2, device="meta"), torch.empty(2, device="meta")]
+    assert _fused.fusable([params, params], None) == [False, False]
+
+
+def test_the_venvs_ninja_is_found_without_activation(monkeypatch, tmp_path):
+    """torch runs `ninja` from PATH; the venv's python called by its full path (no `activate`)
+    must still find the ninja that launch/setup.sh installed beside it."""
+    (tmp_path / "ninja").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    _fused._find_venv_ninja()
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(tmp_path)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +66,7 @@ def load() -> ModuleType | None:
         else:
             try:
                 cpp_extension = _import_cpp_extension()
+                _find_venv_ninja()
                 name, flags = _flags()
                 _module = cpp_extension.load(
                     name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"]
@@ -73,6 +76,14 @@ def load() -> ModuleType | None:
         if _reason is not None:
             log.warning("lars.optim: fused CPU step unavailable, %s; using foreach", _reason)
         return _module
+
+
+def _find_venv_ninja() -> None:
+    """torch runs `ninja` from PATH; the one `launch/setup.sh` installs lives beside this
+    interpreter, which is not on PATH when the venv's python is called without activation."""
+    here = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (here / "ninja").is_file():
+        os.environ["PATH"] = os.pathsep.join([str(here), os.environ.get("PATH", "")])
 
 
 def _import_cpp_extension() -> ModuleType:
@@ -107,7 +118,8 @@ def fusable(lists: Sequence[Sequence[Tensor]], steps: Sequence[Tensor] | None) -
     channels_last) with one layout for all, a float32 CPU step count; never under
     ``torch.compile``, and only where the extension is built."""
     n = len(lists[0])
-    if torch.compiler.is_compiling() or load() is None:
+    on_cpu = any(t.device.type == "cpu" for t in lists[0])  # GPU runs never build it
+    if not on_cpu or torch.compiler.is_compiling() or load() is None:
         return [False] * n
     return [
         _fusable_one(lists[0][i], [lst[i] for lst in lists[1:]], steps[i] if steps else None)
