@@ -93,7 +93,7 @@ FLAG_TO_HYPERPARAMETER = {
 _POSITIVE = (
     "epochs batch_size val_batch_size batches_per_allreduce lr_reference_batch log_interval "
     "keep_checkpoints max_steps checkpoint_every_steps max_nonfinite ranks clip_grad_norm "
-    "lr_power base_lr train_images"
+    "lr_power base_lr train_images max_samples"
 ).split()
 FLAG_CHECKS: dict[str, Check] = {
     **{name: positive for name in _POSITIVE},

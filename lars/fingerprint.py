@@ -73,6 +73,7 @@ NOT_TRAJECTORY = frozenset(
         "keep_checkpoints",
         "checkpoint_every_steps",
         "max_steps",
+        "max_samples",
         "stall_timeout",
         "nonfinite",
         "max_nonfinite",

@@ -69,6 +69,8 @@ _model_and_batch_flags = _rows(
     ("--batches-per-allreduce", {**INT, "default": 1}, "micro-batches accumulated per "
         "optimizer step; global batch = batch-size x ranks x this (default: 1)"),
     ("--max-steps", INT, "stop after this many optimizer steps (smoke runs, benchmarks)"),
+    ("--max-samples", INT, "stop at the first step that brings the training samples seen to "
+        "N or more (a budget that holds while the batch grows; --test-type)"),
     ("--label-smoothing", FLOAT, "label smoothing (0.1; sample set: 0)"),
 )
 # TVLARS's phi(t) = 1 / (alpha + exp(lmbda (t - d_e))) + gamma_min (lars.plan resolves the

@@ -48,6 +48,7 @@ class RunPlan(BatchGeometry):
     val_images: int
     epochs: int
     max_steps: int | None
+    max_samples: int | None
     lr: float  # the peak rate, scaled for the global batch
     warmup_steps: int
     tv_lmbda: float  # TVLARS's lambda, per step (see tvlars_phi_parameters)
@@ -67,8 +68,12 @@ class RunPlan(BatchGeometry):
 
     @property
     def last_step(self) -> int:
-        """The step the run stops at: the schedule's end, or --max-steps if sooner."""
-        return min(self.max_steps or self.total_steps, self.total_steps)
+        """The step the run stops at: the schedule's end, or --max-steps / --max-samples if
+        sooner (at a fixed batch, the step whose samples reach --max-samples)."""
+        by_samples = -(-self.max_samples // self.global_batch_size) if self.max_samples else None
+        return min(
+            self.max_steps or self.total_steps, by_samples or self.total_steps, self.total_steps
+        )
 
     def step_milestones(self) -> list[int]:
         """The step schedule's decay points (epochs 30/60/80 of Goyal et al.), in steps."""
@@ -100,6 +105,7 @@ def plan_run(
         val_images=val_images,
         epochs=sched.epochs,
         max_steps=sched.max_steps,
+        max_samples=sched.max_samples,
         lr=0.0,
         warmup_steps=0,
         tv_lmbda=0.0,

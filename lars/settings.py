@@ -21,7 +21,7 @@ GROUPS = {
     "optimizer": "base_op optimizer_variant base_lr lr_scaling lr_reference_batch momentum wd "
     "bn_bias_separately trust_coefficient lmbda tv_alpha tv_delay_epochs tv_min_scale "
     "clip_grad_norm",
-    "schedule": "epochs max_steps schedule warmup_epochs lr_power end_lr",
+    "schedule": "epochs max_steps max_samples schedule warmup_epochs lr_power end_lr",
     "hardware": "backend fp16_allreduce use_adasum no_cuda threads stall_timeout",
     "run": "seed log_dir log_interval progress resume keep_checkpoints checkpoint_every_steps "
     "deterministic nonfinite max_nonfinite dry_run config allow_change evaluate",

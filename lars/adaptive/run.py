@@ -207,8 +207,12 @@ class AdaptiveBatch:
         )
 
     def finished(self, state) -> bool:
-        max_steps = self.settings.schedule.max_steps
-        return state.epoch >= self.start.epochs or bool(max_steps and state.step >= max_steps)
+        sched = self.settings.schedule
+        return (
+            state.epoch >= self.start.epochs
+            or bool(sched.max_steps and state.step >= sched.max_steps)
+            or bool(sched.max_samples and self.state.samples_seen >= sched.max_samples)
+        )
 
     # ------------------------------------------------------------------------- checkpoints
     def payload(self) -> dict:
