@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import ROOT, check_ok, require_distributed, run_script
+from test_fault_tolerance import _assert_bitwise_equal
 
 from lars.checkpoint import list_checkpoints, load_checkpoint
 from lars.cli import main
@@ -49,21 +50,6 @@ def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
 def _last_checkpoint(log_dir) -> dict:
     return load_checkpoint(list_checkpoints(log_dir)[0])
-
-
-def _assert_bitwise_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_the_recipe_is_the_default_of_the_mode_and_classification_is_unchanged():
