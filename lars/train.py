@@ -30,19 +30,25 @@ from lars.build import (
     build_scaler,
     build_scheduler,
     build_step_context,
-    describe_split,
 )
 from lars.checkpoint import rng_states, save_checkpoint
 from lars.data.loaders import Loaders
 from lars.distributed import init_distributed, launched_rank
 from lars.errors import DataError, NonFiniteAbort, Preempted
 from lars.faults import REQUEUE_EXIT_STATUS, StopAgreement, Watchdog, params_are_finite
-from lars.fingerprint import fingerprint, format_value
+from lars.fingerprint import fingerprint
 from lars.metrics import TrainMeter, average_batchnorm_statistics, evaluate
-from lars.param_groups import param_group_summary
 from lars.plan import RunPlan, plan_run
-from lars.reporting import Reporter, describe_validation, format_duration, versions
-from lars.resume import identity, resume, setting_name
+from lars.reporting import (
+    Reporter,
+    describe,
+    describe_validation,
+    eta_seconds,
+    log_train,
+    report_bad_files,
+    run_config,
+)
+from lars.resume import identity, resume
 from lars.settings import Settings
 from lars.signals import install_preemption_handler
 from lars.state import TrainState
@@ -160,91 +166,6 @@ def save(parts: Parts, state: TrainState) -> None:
     parts.watchdog.kick()
 
 
-# --------------------------------------------------------------------------------- reporting
-def run_config(parts: Parts, state: TrainState) -> dict:
-    """What config.json holds."""
-    return {
-        "args": parts.settings.flat(),
-        "fingerprint": fingerprint(identity(parts.settings, parts.plan)),
-        "changes": state.changes,
-        "plan": parts.plan.to_dict(),
-        "backend": parts.dist.name,
-        "device": str(parts.device),
-        "versions": versions(),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def describe(parts: Parts, state: TrainState) -> None:
-    r, plan, s = parts.reporter, parts.plan, parts.settings
-    if parts.dist.notice:
-        r.print(parts.dist.notice)
-    r.print(
-        f"run: {s.data.dataset} {s.model.model} {s.optimizer.base_op} on {plan.world_size} "
-        f"rank(s) ({parts.dist.name}, {parts.device}); log dir {s.run.log_dir}\n"
-        f"global batch {plan.global_batch_size} = {plan.micro_batch} x {plan.world_size} "
-        f"x {plan.batches_per_allreduce}; lr {plan.lr:.6g} ({s.optimizer.lr_scaling} scaling "
-        f"of {s.optimizer.base_lr:g}); {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
-        f"steps, {plan.warmup_steps} warm-up steps, schedule {s.schedule.schedule}\n"
-        f"parameter groups: {describe_split(s)}\n{param_group_summary(parts.model, parts.groups)}"
-    )
-    for line in parts.batch.describe() if parts.batch else ():
-        r.print(line)
-    if state.step:
-        r.print(
-            f"resumed at step {state.step} (epoch {state.epoch + 1}, step "
-            f"{state.step_in_epoch(plan)} of it)"
-        )
-    if state.changed_now:
-        line = ", ".join(
-            f"{setting_name(c['setting'])} {format_value(c['old'])} -> {format_value(c['new'])}"
-            for c in state.changed_now
-        )
-        r.print(f"changed with --allow-change: {line} at step {state.step}")
-        r.text("run/changes", f"step {state.step}: {line}", state.step)
-
-
-def _eta(parts: Parts, state: TrainState, steps_per_second: float) -> float:
-    if parts.batch:  # a growing batch: the samples left at the current batch's rate
-        rate = steps_per_second * parts.batch.plan.global_batch_size
-        return parts.batch.samples_left() / max(rate, 1e-9)
-    return (parts.plan.last_step - state.step) / max(steps_per_second, 1e-9)
-
-
-def log_train(parts: Parts, state: TrainState, meter: TrainMeter, steps: int, seconds: float):
-    stats = meter.read_and_reset(parts.dist)  # every rank joins this allreduce
-    if parts.dist.rank != 0:
-        return
-    optimizer, names = parts.step.optimizer, {id(p): n for n, p in parts.model.named_parameters()}
-    batch = (parts.batch.plan if parts.batch else parts.plan).global_batch_size
-    lr, rate = optimizer.param_groups[0]["lr"], steps * batch / max(seconds, 1e-9)
-    values = {**meter.tags(stats), "train/lr": lr}
-    values["train/images_per_sec"] = rate
-    trust = getattr(optimizer, "last_trust_ratios", None)
-    for param, ratio in trust() if trust is not None else ():
-        values[f"trust_ratio/{names.get(id(param), 'unnamed')}"] = float(ratio)
-    phi = getattr(optimizer, "last_phi", None)
-    if phi is not None:
-        values["tvlars/phi"] = float(phi)
-    parts.reporter.scalars(values, state.step)
-    eta = _eta(parts, state, rate / batch)
-    parts.reporter.print(
-        f"epoch {state.epoch + 1}/{parts.plan.epochs} step {state.step}/"
-        f"{parts.plan.total_steps}: {meter.summary(stats)} "
-        f"lr {lr:.5g} {rate:.1f} img/s ETA {format_duration(eta)}"
-    )
-
-
-def report_bad_files(parts: Parts, state: TrainState, where: str, paths: list[str]) -> None:
-    every = [p for rank_paths in parts.dist.allgather_object(paths) for p in rank_paths]
-    if every:
-        shown = ", ".join(every[:5]) + (" ..." if len(every) > 5 else "")
-        parts.reporter.print(
-            f"warning: {len(every)} unreadable file(s) skipped in {where} "
-            f"(epoch {state.epoch + 1}): {shown}"
-        )
-
-
 def check_strict_data(parts: Parts, paths: list[str]) -> None:
     """--strict-data: the first unreadable file stops the run (exit status 2)."""
     if paths and parts.settings.data.strict_data:
@@ -305,7 +226,7 @@ def skip_or_abort_nonfinite(parts: Parts, state: TrainState, finite: bool) -> No
 def _show_progress(parts: Parts, state: TrainState, started: float, first_step: int) -> None:
     if parts.reporter.live:
         rate = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
-        plan, eta = parts.plan, _eta(parts, state, rate)
+        plan, eta = parts.plan, eta_seconds(parts, state, rate)
         images_per_sec = rate * plan.global_batch_size
         parts.reporter.progress(
             state.epoch + 1, plan.epochs, state.step, plan.total_steps, images_per_sec, eta

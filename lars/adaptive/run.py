@@ -200,11 +200,11 @@ class AdaptiveBatch:
         return True
 
     def samples_left(self) -> int:
-        """Samples to the end of the budget (of --epochs; --max-steps aside), roughly: an
-        epoch at a larger batch drops a larger remainder."""
-        return max(
-            0, self.start.total_steps * self.start.global_batch_size - self.state.samples_seen
-        )
+        """Samples to the end of the budget (of --epochs or --max-samples; --max-steps aside),
+        roughly: an epoch at a larger batch drops a larger remainder."""
+        budget = self.start.total_steps * self.start.global_batch_size
+        budget = min(budget, self.settings.schedule.max_samples or budget)
+        return max(0, budget - self.state.samples_seen)
 
     def finished(self, state) -> bool:
         sched = self.settings.schedule

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Subset
 
 from lars.errors import SettingError
 from lars.metrics import average_batchnorm_statistics
-from lars.train import build_run, describe, finish_epoch, fit, run_config
+from lars.reporting import describe, run_config
+from lars.train import build_run, finish_epoch, fit
 
 __all__ = ["BarlowTwinsRun", "probe_config", "run_barlow_twins", "task_lines"]
 
