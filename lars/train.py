@@ -287,7 +287,7 @@ def finish_epoch(parts: Parts, state: TrainState, check=validate) -> None:
     save(parts, state)
 
 
-def _preempted(parts: Parts, state: TrainState, saved: bool) -> Preempted:
+def preempted(parts: Parts, state: TrainState, saved: bool) -> Preempted:
     where = f"; checkpoint in {parts.settings.run.log_dir}" if saved else ", before training"
     return Preempted(
         f"stopped by signal {parts.preemption.received} at step {state.step}{where}; "
@@ -310,7 +310,7 @@ def fit(parts, state, train_epoch=train_one_epoch, end_epoch=finish_epoch, meter
     meter, started = meter or TrainMeter(parts.device), time.perf_counter()
     stop = StopAgreement(parts.dist, parts.preemption)
     if stop.after_step():  # a signal received during start-up: all ranks agree before step one
-        raise _preempted(parts, state, saved=False)  # nothing new to checkpoint
+        raise preempted(parts, state, saved=False)  # nothing new to checkpoint
     parts.model.train()
     parts.watchdog.start()
     try:
@@ -318,7 +318,7 @@ def fit(parts, state, train_epoch=train_one_epoch, end_epoch=finish_epoch, meter
             if train_epoch(parts, state, meter, stop):
                 stop.drain()
                 save(parts, state)
-                raise _preempted(parts, state, saved=True)
+                raise preempted(parts, state, saved=True)
             end_epoch(parts, state)
         stop.drain()
         if finish is not None:

@@ -17,7 +17,7 @@ import time
 import torch
 
 from lars.faults import StopAgreement, Watchdog
-from lars.train import _preempted, save
+from lars.train import preempted, save
 
 __all__ = ["probe_stage"]
 
@@ -70,7 +70,7 @@ def _train(task, config, probe, optimizer, scheduler) -> None:
     watchdog = Watchdog(task.settings.hardware.stall_timeout, where)
     stop = StopAgreement(parts.dist, parts.preemption)
     if stop.after_step():  # a signal during start-up: every rank stops before the first batch
-        raise _preempted(parts, state, saved=False)
+        raise preempted(parts, state, saved=False)
 
     def after_batch() -> bool:
         state.probe_batches += 1
@@ -89,7 +89,7 @@ def _train(task, config, probe, optimizer, scheduler) -> None:
             if metrics["stopped"]:
                 stop.drain()
                 _save(parts, state, probe, optimizer, scheduler)
-                raise _preempted(parts, state, saved=True)
+                raise preempted(parts, state, saved=True)
             scheduler.step()
             state.probe_epoch, state.probe_batches = epoch + 1, 0
             tags = {"linear/train_loss": metrics["loss"], "linear/train_top1": metrics["top1"]}
